@@ -1,0 +1,1 @@
+"""Pure-torch core of A-STAR: attention maps, losses, guidance steps. No ComfyUI import."""

@@ -1,0 +1,333 @@
+"""One guided denoising step: A-STAR (segregation + retention) or Attend-and-Excite.
+
+The sampler supplies maps_fn(z) -> concept maps [B, C, h', w'] (a UNet pass on the conditional
+branch, attention recorded and token-softmaxed); this module differentiates the loss through it
+and moves the latent: z <- z - alpha_t * grad_z L (A&E's update, no normalisation). Torch only.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import torch
+
+from .losses import (
+    BINARIZATION_METHODS,
+    attend_excite_loss,
+    binarize,
+    pair_overlap,
+    retention_loss,
+    segregation_loss,
+)
+from .maps import gaussian_smooth, resize_mask
+from .schedule import AE_REFINEMENT_THRESHOLDS
+
+GUIDANCE_MODES = ("astar", "attend_excite")
+LOSS_NAMES = ("segregation", "retention", "attend_excite", "total")
+
+
+def _require_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"GuidanceConfig.{name} must be one of {choices}, got {value!r}")
+
+
+def _require_number(name: str, value, minimum: float, maximum: float = math.inf) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"GuidanceConfig.{name} must be a finite number, got {value!r}")
+    if not minimum <= value <= maximum:
+        raise ValueError(f"GuidanceConfig.{name} must be in [{minimum}, {maximum}], got {value!r}")
+
+
+def _require_count(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"GuidanceConfig.{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"GuidanceConfig.{name} must be >= {minimum}, got {value!r}")
+
+
+def _require_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"GuidanceConfig.{name} must be True or False, got {value!r}")
+
+
+def _frozen_thresholds(value) -> MappingProxyType:
+    """Validated, immutable copy of a {step: threshold} mapping."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"GuidanceConfig.thresholds must be a mapping step -> threshold, got {value!r}")
+    for step, threshold in value.items():
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+            raise ValueError(f"GuidanceConfig.thresholds keys must be step indices >= 0, got {step!r}")
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0 <= threshold <= 1:
+            raise ValueError(
+                f"GuidanceConfig.thresholds values must be numbers in [0, 1], got {threshold!r} for step {step}"
+            )
+    return MappingProxyType({int(s): float(t) for s, t in sorted(value.items())})
+
+
+@dataclass(frozen=True)
+class GuidanceConfig:
+    """Settings of the guidance; validated on construction (ValueError naming the field).
+
+    mode: "astar" (segregation + retention) or "attend_excite" (A&E's max-peak loss).
+    segregation_weight, retention_weight: weights of A-STAR's two terms (paper: 1 and 1).
+    guided_steps: how many first denoising steps are guided (A&E: 25 of 50).
+    scale: step-size scale, alpha_t = scale * sqrt(linspace(1, 0.5)[t]) (A&E: 20).
+    refine: iterative refinement at the steps in thresholds, at most max_refine_iters gradient
+    steps each. binarization, fraction: how retention masks are made (see losses.binarize).
+    smooth: A&E's 3x3 Gaussian on the maps before every loss.
+    """
+
+    mode: str = "astar"
+    segregation_weight: float = 1.0
+    retention_weight: float = 1.0
+    guided_steps: int = 25
+    scale: float = 20.0
+    refine: bool = False
+    thresholds: Mapping[int, float] = field(default_factory=lambda: AE_REFINEMENT_THRESHOLDS)
+    max_refine_iters: int = 20
+    binarization: str = "fraction"
+    fraction: float = 0.5
+    smooth: bool = True
+
+    def __post_init__(self) -> None:
+        _require_choice("mode", self.mode, GUIDANCE_MODES)
+        _require_number("segregation_weight", self.segregation_weight, 0.0)
+        _require_number("retention_weight", self.retention_weight, 0.0)
+        _require_count("guided_steps", self.guided_steps, 0)
+        _require_number("scale", self.scale, 0.0)
+        _require_bool("refine", self.refine)
+        # A plain dict passed in is copied and frozen, so the config stays immutable.
+        object.__setattr__(self, "thresholds", _frozen_thresholds(self.thresholds))
+        _require_count("max_refine_iters", self.max_refine_iters, 0)
+        _require_choice("binarization", self.binarization, BINARIZATION_METHODS)
+        _require_number("fraction", self.fraction, 0.0, 1.0)
+        if self.fraction == 0:
+            raise ValueError("GuidanceConfig.fraction must be > 0 (0 would mark every pixel), got 0")
+        _require_bool("smooth", self.smooth)
+
+
+def _smoothed(maps: torch.Tensor, config: GuidanceConfig) -> torch.Tensor:
+    return gaussian_smooth(maps) if config.smooth else maps
+
+
+def guidance_losses(
+    maps: torch.Tensor, prev_masks: torch.Tensor | None, config: GuidanceConfig
+) -> dict[str, torch.Tensor]:
+    """All losses of one forward, each [B], keyed "segregation", "retention", "attend_excite", "total".
+
+    maps: [B, C, h, w] token-softmaxed concept maps (smoothed here when config.smooth).
+    prev_masks: [B or 1, C, h, w] retention masks B_t from the previous step, or None (first guided
+    step: retention is 0). "total" is what is minimised: w_seg * segregation + w_ret * retention
+    in astar mode, attend_excite in attend_excite mode; the others are diagnostics.
+    """
+    smoothed = _smoothed(maps, config)
+    segregation = segregation_loss(smoothed)
+    if prev_masks is None:
+        retention = maps.new_zeros(maps.shape[0])
+    else:
+        retention = retention_loss(smoothed, prev_masks)
+    attend_excite = attend_excite_loss(smoothed, smooth=False)
+    if config.mode == "attend_excite":
+        total = attend_excite
+    else:
+        # Zero-weight terms are left out rather than multiplied by 0, so a NaN there cannot leak.
+        total = maps.new_zeros(maps.shape[0])
+        if config.segregation_weight:
+            total = total + config.segregation_weight * segregation
+        if config.retention_weight:
+            total = total + config.retention_weight * retention
+    return {"segregation": segregation, "retention": retention, "attend_excite": attend_excite, "total": total}
+
+
+def refinement_measure(maps: torch.Tensor, config: GuidanceConfig) -> torch.Tensor:
+    """How well the concepts are separated/present, [B]; refinement runs while it is < threshold.
+
+    maps: [B, C, h, w]. attend_excite: 1 - attend_excite_loss, the weakest concept's smoothed peak
+    (clamped at 1). astar with C >= 2: 1 - pair_overlap of the (smoothed) maps; with C < 2 it falls
+    back to the attend_excite measure.
+    """
+    if config.mode == "astar" and maps.shape[1] >= 2:
+        return 1.0 - pair_overlap(_smoothed(maps, config))
+    return 1.0 - attend_excite_loss(maps, smooth=config.smooth)
+
+
+@dataclass
+class GuidedStep:
+    """Result of guided_step.
+
+    latent: [B, 4, h, w] updated latent, detached, same dtype and device as the input.
+    masks: [B, C, h', w'] binarised (smoothed) maps of the last forward: next step's prev_masks.
+    losses: name -> [B], detached, at the latent before any update at this step.
+    iterations: gradient steps taken (refinement steps + the regular one; 0 when nothing moved).
+    skipped: bool [B], True where an update was skipped for a non-finite loss or gradient.
+    maps: [B, C, h', w'] detached, unsmoothed maps at the latent before any update at this step.
+    """
+
+    latent: torch.Tensor
+    masks: torch.Tensor
+    losses: dict[str, torch.Tensor]
+    iterations: int
+    skipped: torch.Tensor
+    maps: torch.Tensor
+
+
+def _retention_masks(
+    maps: torch.Tensor,
+    prev_masks: torch.Tensor | None,
+    layout_masks: Mapping[int, torch.Tensor] | None,
+) -> torch.Tensor | None:
+    """prev_masks [B or 1, C, h, w] with the user's layout masks replacing their concepts.
+
+    Without prev_masks the other concepts get all-zero masks, which retention_loss skips.
+    Layout masks [B or 1, h, w] or [h, w] of another resolution are area-resized to the maps'.
+    """
+    if not layout_masks:
+        return prev_masks
+    batch, n_concepts, height, width = maps.shape
+    if prev_masks is None:
+        masks = maps.new_zeros(batch, n_concepts, height, width)
+    else:
+        masks = prev_masks.detach().to(maps.dtype).expand(batch, n_concepts, height, width).clone()
+    for concept, layout in layout_masks.items():
+        if not 0 <= concept < n_concepts:
+            raise ValueError(f"layout mask for concept {concept}, but there are only {n_concepts} concepts")
+        if layout.dim() == 2:
+            layout = layout.unsqueeze(0)
+        if tuple(layout.shape[-2:]) != (height, width):
+            layout = resize_mask(layout, height, width)
+        masks[:, concept] = layout.detach().to(device=maps.device, dtype=maps.dtype)
+    return masks
+
+
+def _descend(
+    leaf: torch.Tensor, total: torch.Tensor, step_size: float, active: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One gradient step z - step_size * grad for the active samples whose loss and gradient are finite.
+
+    leaf: [B, ...] latent the forward was run from (requires grad); total: [B] loss; active: bool [B].
+    Returns (new latent [B, ...] detached, bool [B] of active samples skipped as non-finite).
+    """
+    finite_loss = torch.isfinite(total.detach())
+    if total.requires_grad:
+        # Non-finite samples are masked out of the sum; samples are independent, so the rest stay clean.
+        objective = torch.where(finite_loss, total, torch.zeros_like(total)).sum()
+        (grad,) = torch.autograd.grad(objective, leaf, allow_unused=True)
+    else:
+        grad = None
+    if grad is None:  # the loss does not depend on the latent (e.g. one concept, no retention yet)
+        grad = torch.zeros_like(leaf)
+    finite_grad = torch.isfinite(grad).flatten(1).all(dim=1)
+    apply = active & finite_loss & finite_grad
+    start = leaf.detach()
+    stepped = (start.float() - step_size * grad.float()).to(start.dtype)
+    latent = torch.where(apply.view(-1, *([1] * (start.dim() - 1))), stepped, start)
+    return latent, active & ~(finite_loss & finite_grad)
+
+
+def guided_step(
+    z: torch.Tensor,
+    maps_fn: Callable[[torch.Tensor], torch.Tensor],
+    step_index: int,
+    step_size: float,
+    prev_masks: torch.Tensor | None,
+    config: GuidanceConfig,
+    layout_masks: Mapping[int, torch.Tensor] | None = None,
+    check_interrupt: Callable[[], None] | None = None,
+) -> GuidedStep:
+    """Guide the latent of one denoising step.
+
+    z: [B, 4, h, w] UNet input latent z_t. maps_fn(z) -> differentiable concept maps [B, C, h', w']
+    (token-softmaxed, unsmoothed). prev_masks: [B or 1, C, h', w'] from the previous step's
+    GuidedStep.masks, or None. layout_masks: {concept index: [B or 1, h', w']} user masks that
+    replace B_t for those concepts at every step. check_interrupt() is called before every forward
+    and may raise to stop. With config.refine and step_index in config.thresholds, first repeat
+    (forward, gradient step) on the samples whose refinement_measure is below the threshold, at most
+    config.max_refine_iters times; then one regular step on all samples.
+    Non-finite samples are left unchanged, flagged in skipped, and reported with warnings.warn.
+    """
+    if not (math.isfinite(step_size) and step_size >= 0):
+        raise ValueError(f"step_size must be a finite number >= 0, got {step_size!r}")
+    # ComfyUI samples under torch.inference_mode(); gradients need it off, and plain clones of the
+    # inputs, because inference tensors can neither require grad nor be saved for backward.
+    with torch.inference_mode(False):
+        if prev_masks is not None:
+            prev_masks = prev_masks.clone()
+        return _guided_step(
+            z.clone(), maps_fn, step_index, step_size, prev_masks, config, layout_masks, check_interrupt
+        )
+
+
+def _guided_step(
+    start: torch.Tensor,
+    maps_fn: Callable[[torch.Tensor], torch.Tensor],
+    step_index: int,
+    step_size: float,
+    prev_masks: torch.Tensor | None,
+    config: GuidanceConfig,
+    layout_masks: Mapping[int, torch.Tensor] | None,
+    check_interrupt: Callable[[], None] | None,
+) -> GuidedStep:
+    """guided_step's body, run outside inference mode; start is a plain (non-inference) copy of z."""
+    start = start.detach()
+    nothing_to_minimise = config.mode == "astar" and not (config.segregation_weight or config.retention_weight)
+    moves = step_size > 0 and not nothing_to_minimise
+
+    def forward(latent: torch.Tensor):
+        if check_interrupt is not None:
+            check_interrupt()
+        if moves:
+            leaf = latent.detach().requires_grad_(True)
+            with torch.enable_grad():
+                maps = maps_fn(leaf)
+                losses = guidance_losses(maps, _retention_masks(maps, prev_masks, layout_masks), config)
+        else:
+            leaf = latent
+            with torch.no_grad():
+                maps = maps_fn(leaf)
+                losses = guidance_losses(maps, _retention_masks(maps, prev_masks, layout_masks), config)
+        return leaf, maps, losses
+
+    leaf, maps, losses = forward(start)
+    entry_maps = maps.detach()
+    entry_losses = {name: value.detach() for name, value in losses.items()}
+    skipped = torch.zeros(start.shape[0], dtype=torch.bool, device=start.device)
+    iterations = 0
+    latent = start
+
+    if moves:
+        threshold = config.thresholds.get(step_index) if config.refine else None
+        while threshold is not None and iterations < config.max_refine_iters:
+            with torch.no_grad():
+                below = (refinement_measure(maps.detach(), config) < threshold) & ~skipped
+            if not below.any():
+                break
+            latent, bad = _descend(leaf, losses["total"], step_size, below)
+            skipped |= bad
+            iterations += 1
+            leaf, maps, losses = forward(latent)
+        everyone = torch.ones_like(skipped)
+        latent, bad = _descend(leaf, losses["total"], step_size, everyone)
+        skipped |= bad
+        iterations += 1
+
+    if skipped.any():
+        samples = skipped.nonzero().flatten().tolist()
+        warnings.warn(
+            f"guidance at step {step_index}: non-finite loss or gradient for batch sample(s) {samples}; "
+            "their latent was left unguided at this step. Try a smaller scale or other attention layers.",
+            RuntimeWarning,
+            stacklevel=3,  # point at guided_step's caller
+        )
+    masks = binarize(_smoothed(maps.detach(), config), config.binarization, config.fraction)
+    return GuidedStep(
+        latent=latent.detach(),
+        masks=masks,
+        losses=entry_losses,
+        iterations=iterations,
+        skipped=skipped,
+        maps=entry_maps,
+    )

@@ -1,0 +1,34 @@
+"""A-STAR Text Encode: CLIP Text Encode that also records the prompt's tokens."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from .prompt import PROMPT_KEY, PromptTokens
+
+
+class AStarTextEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AStarTextEncode",
+            display_name="A-STAR Text Encode",
+            category="sampling/astar",
+            description="Encodes the positive prompt exactly like CLIP Text Encode, and remembers its "
+                        "tokens so A-STAR nodes can find the concept words in it. Use it for the positive "
+                        "prompt of A-STAR KSampler, A-STAR Guider and A-STAR Attention Recorder.",
+            inputs=[
+                io.Clip.Input("clip", tooltip="The CLIP model that encodes the prompt (SD1.x, SD2.x or SDXL)."),
+                io.String.Input("text", multiline=True, dynamic_prompts=True,
+                                tooltip="The positive prompt. Concepts you list in the sampler must be words of it."),
+            ],
+            outputs=[io.Conditioning.Output(tooltip="The same conditioning as CLIP Text Encode, plus the prompt's tokens.")],
+        )
+
+    @classmethod
+    def execute(cls, clip, text, **kwargs) -> io.NodeOutput:
+        if clip is None:
+            raise ValueError("clip input is empty: the checkpoint has no text encoder; load one with a CLIP loader")
+        tokens = clip.tokenize(text)
+        conditioning = clip.encode_from_tokens_scheduled(tokens)
+        prompt = PromptTokens(text, tokens, clip.tokenizer)
+        return io.NodeOutput([[c, {**d, PROMPT_KEY: prompt}] for c, d in conditioning])

@@ -1,0 +1,137 @@
+"""The cross-attention patch that feeds the collectors, and the inference-mode fix."""
+from __future__ import annotations
+
+import torch
+
+import comfy.ldm.modules.attention as comfy_attention
+from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+from ..attention.maps import downsample_level, head_mean_probs
+
+# transformer_options key: the collectors (attention/capture.py) active in the current forward pass.
+CAPTURES_KEY = "astar_captures"
+
+
+def require_cross_attention_unet(model_patcher) -> UNetModel:
+    """The model's UNet, or a clear error for models A-STAR cannot guide."""
+    unet = getattr(model_patcher.model, "diffusion_model", None)
+    if not isinstance(unet, UNetModel):
+        raise ValueError(
+            f"A-STAR needs a UNet with text cross-attention (SD1.x, SD2.x, SDXL); this model is "
+            f"{type(model_patcher.model).__name__} ({type(unet).__name__}), which has none. "
+            "Use an SD1.5/SD2/SDXL checkpoint.")
+    return unet
+
+
+def cross_attention_keys(model_patcher) -> list[tuple[str, int, int]]:
+    """(block, block_id, transformer_index) of every text cross-attention layer of the UNet."""
+    unet = require_cross_attention_unet(model_patcher)
+    blocks = [("input", i, b) for i, b in enumerate(unet.input_blocks)]
+    if unet.middle_block is not None:
+        blocks.append(("middle", 0, unet.middle_block))
+    blocks += [("output", i, b) for i, b in enumerate(unet.output_blocks)]
+    keys = []
+    for name, block_id, block in blocks:
+        for layer in block:
+            if isinstance(layer, comfy_attention.SpatialTransformer):
+                keys += [(name, block_id, i) for i in range(len(layer.transformer_blocks))]
+    return keys
+
+
+def step_of(extra_options) -> int | None:
+    """Index of the current sigma in the run's schedule (None when it is not one of them)."""
+    schedule = extra_options.get("sample_sigmas")
+    sigma = extra_options.get("sigmas")
+    if schedule is None or sigma is None:
+        return None
+    hits = torch.isclose(schedule.float().cpu(), sigma.detach().float().cpu().reshape(-1)[:1], rtol=1e-5, atol=0.0)
+    idx = torch.nonzero(hits)
+    return int(idx[0]) if len(idx) else None
+
+
+class AttentionCapturePatch:
+    """attn2 replace for one layer: hands the cond branch's attention probabilities to the active
+    collectors, then computes attention exactly as before (the previous replace at this layer, or
+    ComfyUI's own attention), so outputs are unchanged."""
+
+    def __init__(self, previous=None):
+        self.previous = previous
+
+    def __call__(self, q, k, v, extra_options, **kwargs):
+        captures = extra_options.get(CAPTURES_KEY)
+        if captures:
+            self._record(captures, q, k, extra_options)
+        if self.previous is not None:
+            return self.previous(q, k, v, extra_options, **kwargs)
+        return comfy_attention.optimized_attention(
+            q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"),
+            transformer_options=extra_options)
+
+    @staticmethod
+    def _record(captures, q, k, extra_options):
+        latent = extra_options["original_shape"][2:]
+        act = extra_options["activations_shape"][2:]
+        level = downsample_level(tuple(latent), tuple(act))
+        wanted = [c for c in captures if c.level == level]
+        if not wanted:
+            return
+        chunks = extra_options.get("cond_or_uncond") or [0]
+        size = q.shape[0] // len(chunks)
+        probs = [head_mean_probs(q[j * size:(j + 1) * size],
+                                 k[j * size:(j + 1) * size] if k.shape[0] == q.shape[0] else k,
+                                 extra_options["n_heads"])
+                 for j, c in enumerate(chunks) if c == 0]
+        if not probs:
+            return
+        mean = probs[0] if len(probs) == 1 else torch.stack(probs).mean(0)
+        block = extra_options.get("block")
+        key = (block[0], block[1], extra_options.get("block_index", 0))
+        step = step_of(extra_options)
+        for c in wanted:
+            c.record(key, mean, (int(act[0]), int(act[1])), step)
+
+
+def add_capture_patches(model_patcher) -> None:
+    """Put an AttentionCapturePatch on every cross-attention layer of a (cloned) model, chained to
+    any attn2 replace already there (at the layer's own key or at its block's key)."""
+    replaces = model_patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    for name, block_id, index in cross_attention_keys(model_patcher):
+        previous = replaces.get((name, block_id, index)) or replaces.get((name, block_id))
+        model_patcher.set_model_attn2_replace(AttentionCapturePatch(previous), name, block_id, index)
+
+
+def make_autograd_safe(module: torch.nn.Module) -> int:
+    """The inference-mode fix: ComfyUI loads weights under torch.inference_mode, and autograd
+    refuses to save such tensors for backward. Replace each inference parameter/buffer by an equal
+    ordinary tensor (in place of the old one, so no second copy is held) and freeze every
+    parameter (no weight gradients). Returns how many tensors were replaced."""
+    replaced = 0
+    with torch.inference_mode(False):
+        for m in module.modules():
+            for name, p in list(m._parameters.items()):
+                if p is None:
+                    continue
+                if p.is_inference():
+                    m._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+                    replaced += 1
+                elif p.requires_grad:
+                    p.requires_grad_(False)
+            for name, b in list(m._buffers.items()):
+                if b is not None and b.is_inference():
+                    m._buffers[name] = b.clone()
+                    replaced += 1
+    return replaced
+
+
+def control_modules(conds) -> list[torch.nn.Module]:
+    """ControlNet / T2I-Adapter networks attached to sampler conds (each may chain to previous ones)."""
+    found = []
+    for c in conds or []:
+        ctrl = c.get("control")
+        while ctrl is not None:
+            for attr in ("control_model", "t2i_model"):
+                mod = getattr(ctrl, attr, None)
+                if isinstance(mod, torch.nn.Module) and all(mod is not f for f in found):
+                    found.append(mod)
+            ctrl = getattr(ctrl, "previous_controlnet", None)
+    return found

@@ -1,0 +1,29 @@
+"""API-format graph builders for the tests."""
+from __future__ import annotations
+
+
+def sd15_graph(ckpt, *, sampler="AStarKSampler", prompt="a cat and a frog", negative="", concepts="cat, frog",
+               size=64, batch=1, steps=3, seed=0, cfg=7.5, sampler_name="euler", scheduler="normal",
+               guided_steps=2, resolution="1/16", mode="astar", step_size=20.0, decode=True, **guidance):
+    """Checkpoint -> A-STAR Text Encode -> (A-STAR) KSampler -> VAE Decode -> Save Image."""
+    g = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "pos": {"class_type": "AStarTextEncode", "inputs": {"clip": ["ckpt", 1], "text": prompt}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": negative}},
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": batch}},
+    }
+    common = {"model": ["ckpt", 0], "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler_name,
+              "scheduler": scheduler, "positive": ["pos", 0], "negative": ["neg", 0],
+              "latent_image": ["latent", 0], "denoise": 1.0}
+    if sampler == "AStarKSampler":
+        common.update({"concepts": concepts, "attention_resolution": resolution, "mode": mode,
+                       "guided_steps": guided_steps, "step_size": step_size, "segregation_weight": 1.0,
+                       "retention_weight": 1.0, "binarization": "fraction", "mask_fraction": 0.5,
+                       "smoothing": True, "refine": False, "refine_thresholds": "0:0.05, 10:0.5, 20:0.8",
+                       "max_refine_iters": 20})
+        common.update(guidance)
+    g["sampler"] = {"class_type": sampler, "inputs": common}
+    if decode:
+        g["decode"] = {"class_type": "VAEDecode", "inputs": {"samples": ["sampler", 0], "vae": ["ckpt", 2]}}
+        g["save"] = {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "astar_test"}}
+    return g

@@ -1,0 +1,220 @@
+"""Real ComfyUI hosts for the tests: in-process (execution.PromptExecutor, which runs every node
+under torch.inference_mode as users run them) and a server subprocess (main.py --cpu)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+PACK_DIR = Path(__file__).resolve().parents[2]
+PACK_MODULE = "astar_pack"
+DEFAULT_HOME = Path(os.environ.get("ASTAR_HOME", Path.home() / ".cache" / "astar-comfyui"))
+
+
+def comfy_root() -> Path:
+    root = Path(os.environ.get("COMFYUI_ROOT", DEFAULT_HOME / "ComfyUI"))
+    if not (root / "main.py").exists():
+        raise RuntimeError(f"no ComfyUI at {root}: run tools/setup.sh, or set COMFYUI_ROOT to your ComfyUI folder")
+    return root
+
+
+def models_dir() -> Path:
+    d = Path(os.environ.get("ASTAR_TEST_MODELS", DEFAULT_HOME / "test-models"))
+    for sub in ("checkpoints", "loras", "controlnet", "embeddings"):
+        (d / sub).mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def custom_nodes_dir(work: Path) -> Path:
+    """A custom_nodes folder holding only this pack (linked under a fixed module name)."""
+    d = work / "custom_nodes"
+    d.mkdir(parents=True, exist_ok=True)
+    link = d / PACK_MODULE
+    if not link.exists():
+        link.symlink_to(PACK_DIR, target_is_directory=True)
+    return d
+
+
+def extra_paths_yaml(work: Path) -> Path:
+    m = models_dir()
+    y = work / "extra_model_paths.yaml"
+    y.write_text(
+        "astar_tests:\n"
+        f"  custom_nodes: {custom_nodes_dir(work)}\n"
+        f"  checkpoints: {m / 'checkpoints'}\n"
+        f"  loras: {m / 'loras'}\n"
+        f"  controlnet: {m / 'controlnet'}\n"
+        f"  embeddings: {m / 'embeddings'}\n")
+    return y
+
+
+class GraphError(AssertionError):
+    """A prompt the host refused (validation) or a node that raised."""
+
+    def __init__(self, message, details=None):
+        super().__init__(message)
+        self.details = details or {}
+
+
+class _NoServer:
+    client_id = None
+    last_node_id = None
+    last_prompt_id = None
+
+    def send_sync(self, *args, **kwargs):
+        pass
+
+
+class InProcessHost:
+    """ComfyUI imported into the test process, with this pack loaded as a custom node."""
+
+    def __init__(self, work: Path):
+        root = str(comfy_root())
+        if root not in sys.path:
+            sys.path.insert(0, root)
+        import comfy.cli_args
+        comfy.cli_args.args.cpu = True
+        comfy.cli_args.args.disable_api_nodes = True
+        import utils.extra_config  # ComfyUI's utils package, before `nodes` shadows the name
+        import folder_paths
+        folder_paths.set_output_directory(str(work / "output"))
+        folder_paths.set_temp_directory(str(work / "temp"))
+        folder_paths.set_input_directory(str(work / "input"))
+        utils.extra_config.load_extra_path_config(str(extra_paths_yaml(work)))
+        import execution
+        import nodes
+        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+        if not asyncio.run(nodes.load_custom_node(str(custom_nodes_dir(work) / PACK_MODULE))):
+            raise RuntimeError("the pack failed to load into ComfyUI (see the log above)")
+        self.nodes = nodes
+        self.execution = execution
+        self.executor = execution.PromptExecutor(_NoServer(), cache_type=execution.CacheType.CLASSIC,
+                                                 cache_args={"lru": 0, "ram": 0})
+        self.pack = sys.modules[[m for m in sys.modules if m.endswith(PACK_MODULE)][0]]
+
+    def run(self, prompt: dict) -> dict:
+        """Validate and execute an API-format prompt; returns {node_id: outputs tuple} of every node."""
+        pid = str(uuid.uuid4())
+        valid = asyncio.run(self.execution.validate_prompt(pid, prompt, None))
+        if not valid[0]:
+            raise GraphError(f"invalid prompt: {valid[1]} {valid[3]}", {"error": valid[1], "node_errors": valid[3]})
+        self.executor.execute(prompt, pid, {}, valid[2])
+        if not self.executor.success:
+            errors = [d for ev, d in self.executor.status_messages if ev == "execution_error"]
+            msg = errors[0].get("exception_message", "") if errors else "execution failed"
+            raise GraphError(msg, errors[0] if errors else {})
+        out = {}
+        for nid in prompt:
+            entry = self.executor.caches.outputs.get(nid)
+            if entry is not None:
+                out[nid] = [v[0] if isinstance(v, list) and len(v) == 1 else v for v in entry.outputs]
+        return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerHost:
+    """`python main.py --cpu` on a free loopback port, or an existing server named by COMFYUI_URL."""
+
+    def __init__(self, work: Path, python: str = sys.executable):
+        self.proc = None
+        self.url = os.environ.get("COMFYUI_URL")
+        self.log_path = work / "server.log"
+        if self.url:
+            self.url = self.url.rstrip("/")
+            return
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        base = work / "server-base"
+        base.mkdir(parents=True, exist_ok=True)
+        cmd = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+               "--base-directory", str(base), "--extra-model-paths-config", str(extra_paths_yaml(work)),
+               "--disable-api-nodes", "--database-url", "sqlite:///:memory:", "--disable-auto-launch"]
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, cwd=str(comfy_root()), stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                self.get("/system_stats")
+                return
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"ComfyUI server did not answer within 180 s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def get(self, path: str, raw=False):
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            data = r.read()
+        return data if raw else json.loads(data)
+
+    def post(self, path: str, payload) -> tuple[int, dict]:
+        req = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                body = r.read()
+                return r.status, (json.loads(body) if body else {})
+        except urllib.error.HTTPError as e:
+            body = e.read()
+            try:
+                return e.code, json.loads(body)
+            except ValueError:
+                return e.code, {"raw": body.decode(errors="replace")}
+
+    def queue(self, prompt: dict) -> str:
+        status, body = self.post("/prompt", {"prompt": prompt, "client_id": "astar-tests"})
+        if status != 200:
+            raise GraphError(f"server refused the prompt ({status}): {body}", body)
+        return body["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = 600) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            hist = self.get(f"/history/{prompt_id}")
+            if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None \
+                    and hist[prompt_id]["status"].get("status_str") in ("success", "error"):
+                entry = hist[prompt_id]
+                if entry["status"]["status_str"] == "error":
+                    msgs = [m for m in entry["status"].get("messages", []) if m[0] == "execution_error"]
+                    raise GraphError(f"execution failed: {msgs[0][1].get('exception_message') if msgs else entry}",
+                                     msgs[0][1] if msgs else entry)
+                return entry
+            time.sleep(0.25)
+        raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout} s")
+
+    def run(self, prompt: dict, timeout: float = 600) -> dict:
+        return self.wait(self.queue(prompt), timeout)
+
+    def stop(self):
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=20)
+        self._log.close()
+        self.proc = None

