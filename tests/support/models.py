@@ -34,7 +34,7 @@ import re
 import sys
 import zlib
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Optional, Union
 
 import torch
 
@@ -247,6 +247,7 @@ def _atomic_save(sd: dict, path: Path) -> Path:
     try:
         sd = {k: (v if v.is_contiguous() else v.contiguous()) for k, v in sd.items()}
         comfy.utils.save_torch_file(sd, str(tmp))
+        os.chmod(tmp, 0o644)  # safetensors creates 0600 files; the cache may be shared
         os.replace(tmp, path)
     finally:
         if tmp.exists():

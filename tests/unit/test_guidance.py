@@ -1,0 +1,354 @@
+"""attention.schedule and attention.guidance: step sizes, thresholds, config, one guided step."""
+import math
+import warnings
+from types import MappingProxyType
+
+import pytest
+import torch
+
+from attention.guidance import GuidanceConfig, guidance_losses, guided_step, refinement_measure
+from attention.losses import attend_excite_loss, binarize, pair_overlap, retention_loss, segregation_loss
+from attention.maps import concept_maps, excluded_token_columns, gaussian_smooth, token_softmax
+from attention.schedule import AE_REFINEMENT_THRESHOLDS, parse_thresholds, step_sizes
+
+N_TOKENS = 8
+TOKEN_GROUPS = ((2,), (4, 5))
+
+
+def make_token_maps_fn(seed=0):
+    """Toy differentiable stand-in for a UNet pass: per-pixel text logits are a fixed linear map of
+    the latent's 4 channels, softmaxed over tokens (like attention), then A&E's token softmax and
+    concept maps. maps_fn(z [B, 4, h, w]) -> [B, 2, h, w]."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(4, N_TOKENS, generator=generator)
+
+    def maps_fn(z):
+        batch, _, height, width = z.shape
+        pixels = z.flatten(2).transpose(1, 2)  # [B, hw, 4]
+        probs = torch.softmax(pixels @ weight, dim=-1)
+        token_probs = token_softmax(probs, excluded_token_columns(N_TOKENS), temperature=10.0)
+        return concept_maps(token_probs, TOKEN_GROUPS, height, width)
+
+    return maps_fn
+
+
+def sigmoid_maps_fn(z):
+    """Concept c's map is sigmoid of latent channel c: [B, 4, h, w] -> [B, 2, h, w]."""
+    return torch.sigmoid(z[:, :2])
+
+
+# --- schedule -------------------------------------------------------------------------------
+
+
+def test_step_sizes_follow_attend_and_excite():
+    sizes = step_sizes(20.0, 50)
+    assert len(sizes) == 50
+    assert sizes[0] == pytest.approx(20.0)
+    assert sizes[-1] == pytest.approx(20.0 * math.sqrt(0.5))
+    assert sizes[10] == pytest.approx(20.0 * math.sqrt(1.0 - 0.5 * 10 / 49))
+    assert all(a > b for a, b in zip(sizes, sizes[1:]))
+    assert step_sizes(7.0, 1) == (7.0,)
+    assert step_sizes(7.0, 0) == ()
+
+
+def test_refinement_thresholds_default_and_parse():
+    assert dict(AE_REFINEMENT_THRESHOLDS) == {0: 0.05, 10: 0.5, 20: 0.8}
+    with pytest.raises(TypeError):
+        AE_REFINEMENT_THRESHOLDS[5] = 0.1
+    parsed = parse_thresholds(" 0:0.05, 10:0.5,20 : 0.8 ")
+    assert isinstance(parsed, MappingProxyType) and dict(parsed) == {0: 0.05, 10: 0.5, 20: 0.8}
+    assert dict(parse_thresholds("")) == {}
+
+
+@pytest.mark.parametrize("text", ["0-0.05", "a:0.5", "0:high", "0:0.5, 0:0.6", "-1:0.5", "3:1.5"])
+def test_parse_thresholds_rejects_bad_text(text):
+    with pytest.raises(ValueError, match="step|threshold"):
+        parse_thresholds(text)
+
+
+def test_parse_thresholds_error_shows_format():
+    with pytest.raises(ValueError, match="0:0.05, 10:0.5, 20:0.8"):
+        parse_thresholds("zero:0.1")
+
+
+# --- config ---------------------------------------------------------------------------------
+
+
+def test_config_defaults_are_attend_and_excite_values():
+    config = GuidanceConfig()
+    assert (config.mode, config.scale, config.guided_steps, config.max_refine_iters) == ("astar", 20.0, 25, 20)
+    assert dict(config.thresholds) == {0: 0.05, 10: 0.5, 20: 0.8}
+    frozen = GuidanceConfig(thresholds={3: 0.4})
+    assert isinstance(frozen.thresholds, MappingProxyType) and dict(frozen.thresholds) == {3: 0.4}
+    with pytest.raises(AttributeError):
+        config.scale = 1.0
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("mode", "excite"),
+        ("segregation_weight", -1.0),
+        ("retention_weight", float("nan")),
+        ("guided_steps", -1),
+        ("guided_steps", 2.5),
+        ("scale", -0.1),
+        ("refine", "yes"),
+        ("thresholds", {0: 1.5}),
+        ("thresholds", {-2: 0.5}),
+        ("thresholds", [0.5]),
+        ("max_refine_iters", -3),
+        ("binarization", "mean"),
+        ("fraction", 0.0),
+        ("fraction", 1.5),
+        ("smooth", 1),
+    ],
+)
+def test_config_rejects_bad_values_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=f"GuidanceConfig.{field}"):
+        GuidanceConfig(**{field: value})
+
+
+# --- losses and measure -----------------------------------------------------------------------
+
+
+def test_guidance_losses_astar_total_is_weighted_sum_on_smoothed_maps():
+    torch.manual_seed(0)
+    maps = torch.rand(2, 3, 8, 8)
+    prev = (torch.rand(1, 3, 8, 8) > 0.5).float()
+    config = GuidanceConfig(segregation_weight=0.7, retention_weight=2.0)
+    losses = guidance_losses(maps, prev, config)
+    assert set(losses) == {"segregation", "retention", "attend_excite", "total"}
+    smoothed = gaussian_smooth(maps)
+    assert torch.allclose(losses["segregation"], segregation_loss(smoothed))
+    assert torch.allclose(losses["retention"], retention_loss(smoothed, prev))
+    assert torch.allclose(losses["total"], 0.7 * segregation_loss(smoothed) + 2.0 * retention_loss(smoothed, prev))
+    assert torch.allclose(losses["attend_excite"], attend_excite_loss(maps, smooth=True))
+    first = guidance_losses(maps, None, config)
+    assert torch.all(first["retention"] == 0)
+    assert torch.allclose(first["total"], 0.7 * segregation_loss(smoothed))
+    raw = guidance_losses(maps, None, GuidanceConfig(smooth=False))
+    assert torch.allclose(raw["total"], segregation_loss(maps))
+
+
+def test_guidance_losses_attend_excite_total():
+    maps = torch.rand(2, 2, 8, 8)
+    losses = guidance_losses(maps, None, GuidanceConfig(mode="attend_excite"))
+    assert torch.allclose(losses["total"], attend_excite_loss(maps, smooth=True))
+    assert losses["segregation"].shape == (2,) and losses["retention"].shape == (2,)
+
+
+def test_refinement_measure():
+    torch.manual_seed(1)
+    maps = torch.rand(2, 2, 8, 8)
+    ae = refinement_measure(maps, GuidanceConfig(mode="attend_excite"))
+    assert torch.allclose(ae, gaussian_smooth(maps).amax(dim=(-2, -1)).min(dim=1).values.clamp(max=1.0))
+    astar = refinement_measure(maps, GuidanceConfig())
+    assert torch.allclose(astar, 1 - pair_overlap(gaussian_smooth(maps)))
+    single = maps[:, :1]
+    assert torch.allclose(refinement_measure(single, GuidanceConfig()), 1 - attend_excite_loss(single))
+
+
+# --- guided_step ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["astar", "attend_excite"])
+def test_guided_step_lowers_the_loss(mode):
+    torch.manual_seed(2)
+    z = torch.randn(3, 4, 8, 8)
+    maps_fn = make_token_maps_fn()
+    config = GuidanceConfig(mode=mode, smooth=True)
+    prev = binarize(gaussian_smooth(maps_fn(z)))
+    result = guided_step(z, maps_fn, step_index=5, step_size=0.5, prev_masks=prev, config=config)
+    before = guidance_losses(maps_fn(z), prev, config)["total"]
+    after = guidance_losses(maps_fn(result.latent), prev, config)["total"]
+    assert torch.allclose(result.losses["total"], before)
+    assert torch.all(after < before)
+    assert result.iterations == 1 and not result.skipped.any()
+    assert result.latent.shape == z.shape and not result.latent.requires_grad
+    assert torch.allclose(result.maps, maps_fn(z))
+    assert torch.equal(result.masks, binarize(gaussian_smooth(maps_fn(z))))
+
+
+def test_guided_step_update_is_plain_gradient_step():
+    torch.manual_seed(3)
+    z = torch.randn(2, 4, 6, 6)
+    maps_fn = make_token_maps_fn(1)
+    config = GuidanceConfig(smooth=False)
+    leaf = z.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(segregation_loss(maps_fn(leaf)).sum(), leaf)
+    result = guided_step(z, maps_fn, 0, 3.0, None, config)
+    assert torch.allclose(result.latent, z - 3.0 * grad, atol=1e-6)
+
+
+def test_guided_step_samples_are_independent():
+    torch.manual_seed(4)
+    z = torch.randn(3, 4, 6, 6)
+    maps_fn = make_token_maps_fn(2)
+    config = GuidanceConfig()
+    together = guided_step(z, maps_fn, 0, 2.0, None, config).latent
+    alone = guided_step(z[1:2], maps_fn, 0, 2.0, None, config).latent
+    assert torch.allclose(together[1:2], alone, atol=1e-6)
+
+
+def test_guided_step_without_step_or_weights_keeps_latent_and_reports():
+    torch.manual_seed(5)
+    z = torch.randn(2, 4, 6, 6)
+    maps_fn = make_token_maps_fn()
+    for step_size, config in ((0.0, GuidanceConfig()), (5.0, GuidanceConfig(segregation_weight=0, retention_weight=0))):
+        result = guided_step(z, maps_fn, 0, step_size, None, config)
+        assert torch.equal(result.latent, z)
+        assert result.iterations == 0
+        assert torch.allclose(result.losses["segregation"], segregation_loss(gaussian_smooth(maps_fn(z))))
+        assert result.masks.shape == (2, 2, 6, 6)
+
+
+def test_refinement_stops_when_threshold_met_and_only_moves_samples_below_it():
+    z = torch.zeros(2, 4, 6, 6)
+    z[0, :2] = 4.0  # sample 0: both concepts near 1, already above the threshold
+    z[1, :2] = -1.0  # sample 1: peaks ~0.27, below it
+    threshold = 0.5
+    config = GuidanceConfig(mode="attend_excite", refine=True, thresholds={7: threshold}, max_refine_iters=20)
+    seen = []
+
+    def recording_maps_fn(latent):
+        seen.append(latent.detach().clone())
+        return sigmoid_maps_fn(latent)
+
+    result = guided_step(z, recording_maps_fn, 7, 60.0, None, config)
+    measures = [1 - attend_excite_loss(sigmoid_maps_fn(latent)) for latent in seen]
+    assert 2 < len(seen) < 21
+    # Every forward but the last saw sample 1 below the threshold; the last saw it above.
+    assert all(m[1] < threshold for m in measures[:-1]) and measures[-1][1] >= threshold
+    assert all(torch.equal(latent[0], z[0]) for latent in seen)  # sample 0 waits for the regular step
+    assert result.iterations == len(seen)  # refinement steps + the regular step, one forward each
+    assert not torch.equal(result.latent[0], z[0])
+
+
+def test_refinement_stops_at_the_cap():
+    z = torch.full((1, 4, 6, 6), -6.0)
+    config = GuidanceConfig(mode="attend_excite", refine=True, thresholds={0: 0.99}, max_refine_iters=3)
+    calls = []
+
+    def counting_maps_fn(latent):
+        calls.append(1)
+        return sigmoid_maps_fn(latent)
+
+    result = guided_step(z, counting_maps_fn, 0, 1.0, None, config)
+    assert result.iterations == 4 and len(calls) == 4
+    # At a step without a threshold, or with refine off, only the regular step runs.
+    assert guided_step(z, sigmoid_maps_fn, 1, 1.0, None, config).iterations == 1
+    no_refine = GuidanceConfig(mode="attend_excite", refine=False, thresholds={0: 0.99})
+    assert guided_step(z, sigmoid_maps_fn, 0, 1.0, None, no_refine).iterations == 1
+
+
+def test_refinement_in_astar_mode_uses_pair_overlap():
+    z = torch.zeros(1, 4, 6, 6)  # both concepts identical: pair overlap 1, measure 0
+    config = GuidanceConfig(refine=True, thresholds={0: 0.5}, max_refine_iters=2, smooth=False)
+    calls = []
+
+    def maps_fn(latent):
+        calls.append(1)
+        return torch.sigmoid(latent[:, :2] + torch.tensor([1.0, -1.0]).view(1, 2, 1, 1) * latent[:, 2:3])
+
+    guided_step(z, maps_fn, 0, 1.0, None, config)
+    assert len(calls) == 3  # cap of 2 refinement steps, then the regular step's forward
+
+
+def test_nan_sample_is_left_unchanged_and_reported():
+    torch.manual_seed(6)
+    z = torch.randn(3, 4, 6, 6)
+    poison = torch.tensor([1.0, float("nan"), 1.0]).view(3, 1, 1, 1)
+    maps_fn = make_token_maps_fn()
+
+    def nan_maps_fn(latent):
+        return maps_fn(latent) * poison
+
+    config = GuidanceConfig()
+    with pytest.warns(RuntimeWarning, match=r"sample\(s\) \[1\]"):
+        result = guided_step(z, nan_maps_fn, 0, 2.0, None, config)
+    assert result.skipped.tolist() == [False, True, False]
+    assert torch.equal(result.latent[1], z[1])
+    assert torch.isfinite(result.latent).all()
+    clean = guided_step(z[[0, 2]], maps_fn, 0, 2.0, None, config).latent
+    assert torch.allclose(result.latent[[0, 2]], clean, atol=1e-6)
+
+
+def test_infinite_gradient_with_finite_loss_is_skipped():
+    z = torch.randn(2, 4, 6, 6)
+
+    def maps_fn(latent):
+        # Sample 1's maps are sqrt(0): value 0 (finite loss) but an infinite derivative.
+        bump = torch.stack([torch.zeros_like(latent[0, :2]), torch.sqrt(latent[1, :2] - latent[1, :2].detach())])
+        return sigmoid_maps_fn(latent) + bump
+
+    with pytest.warns(RuntimeWarning):
+        result = guided_step(z, maps_fn, 0, 1.0, None, GuidanceConfig(mode="attend_excite"))
+    assert torch.isfinite(result.losses["total"]).all()
+    assert result.skipped.tolist() == [False, True]
+    assert torch.equal(result.latent[1], z[1]) and not torch.equal(result.latent[0], z[0])
+
+
+def test_check_interrupt_runs_before_every_forward_and_propagates():
+    z = torch.full((1, 4, 6, 6), -6.0)
+    config = GuidanceConfig(mode="attend_excite", refine=True, thresholds={0: 0.99}, max_refine_iters=5)
+    events = []
+
+    def maps_fn(latent):
+        events.append("forward")
+        return sigmoid_maps_fn(latent)
+
+    def check_interrupt():
+        events.append("check")
+        if events.count("check") == 3:
+            raise KeyboardInterrupt("user stopped")
+
+    with pytest.raises(KeyboardInterrupt, match="user stopped"):
+        guided_step(z, maps_fn, 0, 1.0, None, config, check_interrupt=check_interrupt)
+    assert events == ["check", "forward", "check", "forward", "check"]
+
+
+def test_layout_masks_replace_retention_masks_from_the_first_step():
+    torch.manual_seed(7)
+    z = torch.randn(2, 4, 8, 8)
+    maps_fn = make_token_maps_fn()
+    layout = torch.zeros(1, 8, 8)
+    layout[0, :, :4] = 1.0
+    config = GuidanceConfig()
+    first = guided_step(z, maps_fn, 0, 1.0, None, config, layout_masks={1: layout})
+    expected_masks = torch.zeros(2, 2, 8, 8)
+    expected_masks[:, 1] = layout
+    smoothed = gaussian_smooth(maps_fn(z))
+    assert torch.allclose(first.losses["retention"], retention_loss(smoothed, expected_masks))
+    assert torch.all(first.losses["retention"] > 0)
+    # Later steps: the layout wins over the previous step's binarised mask for its concept only.
+    prev = torch.ones(2, 2, 8, 8)
+    later = guided_step(z, maps_fn, 1, 1.0, prev, config, layout_masks={1: layout[0]})
+    expected_masks[:, 0] = 1.0
+    assert torch.allclose(later.losses["retention"], retention_loss(smoothed, expected_masks))
+    # A layout mask drawn at another resolution is area-resized to the maps.
+    big = layout.repeat_interleave(4, dim=-1).repeat_interleave(4, dim=-2)
+    resized = guided_step(z, maps_fn, 0, 1.0, None, config, layout_masks={1: big})
+    assert torch.allclose(resized.losses["retention"], first.losses["retention"])
+    with pytest.raises(ValueError, match="concept 5"):
+        guided_step(z, maps_fn, 0, 1.0, None, config, layout_masks={5: layout})
+
+
+def test_guided_step_works_under_inference_mode():
+    z = torch.randn(1, 4, 6, 6)
+    maps_fn = make_token_maps_fn()
+    with torch.inference_mode():
+        inference_z = z.clone()
+        result = guided_step(inference_z, maps_fn, 0, 1.0, None, GuidanceConfig())
+    assert not torch.equal(result.latent, z)
+
+
+def test_guided_step_rejects_bad_step_size():
+    with pytest.raises(ValueError, match="step_size"):
+        guided_step(torch.zeros(1, 4, 2, 2), sigmoid_maps_fn, 0, float("nan"), None, GuidanceConfig())
+
+
+def test_guided_step_emits_no_warning_when_all_finite():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        guided_step(torch.randn(2, 4, 6, 6), make_token_maps_fn(), 0, 1.0, None, GuidanceConfig())
