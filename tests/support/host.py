@@ -86,6 +86,8 @@ class InProcessHost:
         comfy.cli_args.args.disable_api_nodes = True
         import utils.extra_config  # ComfyUI's utils package, before `nodes` shadows the name
         import folder_paths
+        for sub in ("output", "temp", "input"):
+            (work / sub).mkdir(parents=True, exist_ok=True)
         folder_paths.set_output_directory(str(work / "output"))
         folder_paths.set_temp_directory(str(work / "temp"))
         folder_paths.set_input_directory(str(work / "input"))
@@ -139,7 +141,8 @@ class ServerHost:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         base = work / "server-base"
-        base.mkdir(parents=True, exist_ok=True)
+        for sub in ("custom_nodes", "input", "output", "temp", "user", "models"):
+            (base / sub).mkdir(parents=True, exist_ok=True)
         cmd = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
                "--base-directory", str(base), "--extra-model-paths-config", str(extra_paths_yaml(work)),
                "--disable-api-nodes", "--database-url", "sqlite:///:memory:", "--disable-auto-launch"]

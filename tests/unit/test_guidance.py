@@ -287,6 +287,12 @@ def test_infinite_gradient_with_finite_loss_is_skipped():
     assert torch.isfinite(result.losses["total"]).all()
     assert result.skipped.tolist() == [False, True]
     assert torch.equal(result.latent[1], z[1]) and not torch.equal(result.latent[0], z[0])
+    # Refinement does not retry a skipped sample: one refinement attempt, then the regular step.
+    refine = GuidanceConfig(mode="attend_excite", refine=True, thresholds={0: 0.99}, max_refine_iters=5)
+    z[0] = 10.0  # sample 0 already above the threshold
+    with pytest.warns(RuntimeWarning):
+        refined = guided_step(z, maps_fn, 0, 1.0, None, refine)
+    assert refined.iterations == 2 and refined.skipped.tolist() == [False, True]
 
 
 def test_check_interrupt_runs_before_every_forward_and_propagates():

@@ -142,7 +142,7 @@ def test_attend_excite_loss_matches_reference(smooth):
     torch.manual_seed(4)
     maps = torch.rand(4, 3, 16, 16) ** 3
     maps[1, 2] = 0.0  # one missing concept
-    maps[2] = 1.0  # all ones: every peak is 1 with or without smoothing -> loss 0
+    maps[2] = 2.0  # every peak above 1: max(0, .) keeps the loss at 0, not -1
     expected = _reference_attend_excite(maps, smooth)
     assert torch.allclose(attend_excite_loss(maps, smooth=smooth), expected, atol=1e-6)
     assert attend_excite_loss(maps, smooth=smooth)[1].item() == pytest.approx(1.0)

@@ -205,14 +205,15 @@ def test_batch_broadcast_and_mismatch():
 # ---------------------------------------------------------------------------------------------
 def test_heatmaps_shape_range_and_order():
     maps = blob_maps(2)
-    maps[1] = maps[1].flip(0)  # sample 1: concepts swapped
+    maps[1] = maps[1].flip(-1)  # sample 1: concept 0 top-right, concept 1 bottom-left
     img = torch.rand(2, 64, 64, 3)
     out = concept_heatmaps(img, maps, ["cat", "frog"], "gray", 1.0, labels=False)
     assert out.shape == (4, 64, 64, 3) and out.min() >= 0 and out.max() <= 1
     # index b*C + c; gray colour map at opacity 1 shows the map itself
-    assert out[0, 14, 14].min() == 1 and out[0, 50, 50].max() == 0       # b0 c0: top-left
-    assert out[1, 50, 50].min() == 1 and out[1, 14, 14].max() == 0       # b0 c1: bottom-right
-    assert out[2, 50, 50].min() == 1 and out[2, 14, 14].max() == 0       # b1 c0: swapped
+    centres = {"tl": (14, 14), "br": (50, 50), "tr": (14, 50), "bl": (50, 14)}
+    for i, where in enumerate(["tl", "br", "tr", "bl"]):  # (b0,c0), (b0,c1), (b1,c0), (b1,c1)
+        for name, (y, x) in centres.items():
+            assert out[i, y, x].min() == 1 if name == where else out[i, y, x].max() == 0
     half = concept_heatmaps(img, maps, ["cat", "frog"], "gray", 0.5, labels=False)
     assert torch.allclose(half[0, 50, 50], img[0, 50, 50] * 0.5, atol=1e-6)
 

@@ -1,0 +1,14 @@
+"""The pack's node list, as ComfyUI's V3 extension."""
+from typing_extensions import override
+
+from comfy_api.latest import ComfyExtension, io
+
+from .encode import AStarTextEncode
+from .overlay import AttentionOverlay
+from .sampler import AStarAttentionRecorder, AStarGuider, AStarKSampler
+
+
+class AStarExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [AStarTextEncode, AStarKSampler, AStarGuider, AStarAttentionRecorder, AttentionOverlay]
