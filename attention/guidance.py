@@ -124,6 +124,8 @@ def guidance_losses(
     step: retention is 0). "total" is what is minimised: w_seg * segregation + w_ret * retention
     in astar mode, attend_excite in attend_excite mode; the others are diagnostics.
     """
+    # float32: half-precision sums over a map lose the eps of soft_overlap and small overlaps.
+    maps = maps.float()
     smoothed = _smoothed(maps, config)
     segregation = segregation_loss(smoothed)
     if prev_masks is None:
@@ -150,6 +152,7 @@ def refinement_measure(maps: torch.Tensor, config: GuidanceConfig) -> torch.Tens
     (clamped at 1). astar with C >= 2: 1 - pair_overlap of the (smoothed) maps; with C < 2 it falls
     back to the attend_excite measure.
     """
+    maps = maps.float()
     if config.mode == "astar" and maps.shape[1] >= 2:
         return 1.0 - pair_overlap(_smoothed(maps, config))
     return 1.0 - attend_excite_loss(maps, smooth=config.smooth)

@@ -116,6 +116,9 @@ def _sorted_steps(recording: AttentionRecording) -> list[StepRecord]:
     shape = tuple(steps[0].maps.shape)
     if len(shape) != 5:
         raise ValueError(f"recorded maps must be [L, B, C, h, w], got shape {list(shape)} at step {steps[0].step}")
+    if shape[0] < 1 or shape[2] < 1:
+        raise ValueError(f"recorded maps have {shape[0]} layers and {shape[2]} concepts (shape {list(shape)}); "
+                         "record at least one layer and one concept")
     for s in steps[1:]:
         if tuple(s.maps.shape) != shape:
             raise ValueError(

@@ -54,8 +54,8 @@ def step_range(step_start: int, step_end: int, n_steps: int) -> tuple[int, int]:
         raise ValueError(f"step_end {step_end} is out of range: the recording has {n_steps} steps, "
                          f"use {allowed}.")
     if s1 < s0:
-        raise ValueError(f"step_start {step_start} (step {s0}) comes after step_end {step_end} (step {s1}); "
-                         f"the recording has {n_steps} steps, choose step_start <= step_end.")
+        raise ValueError(f"step_start {step_start} (position {s0}) comes after step_end {step_end} (position "
+                         f"{s1}) of the {n_steps} recorded steps; choose step_start <= step_end.")
     return s0, s1 + 1
 
 

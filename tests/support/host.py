@@ -221,3 +221,9 @@ class ServerHost:
             self.proc.wait(timeout=20)
         self._log.close()
         self.proc = None
+
+
+def pack_module(name: str):
+    """A module of the pack as ComfyUI loaded it (e.g. 'nodes.patch', 'attention.losses')."""
+    import importlib
+    return importlib.import_module(f"{PACK_MODULE}.{name}")

@@ -240,7 +240,6 @@ def test_lora_applies_and_changes_output(mini, paths):
     with_lora = _one_step(model_l, positive)
     assert torch.isfinite(with_lora).all()
     assert _rel_change(base, with_lora) > 0.05
-    assert torch.equal(_one_step(mini.model, positive), base)  # unpatched again
 
     tokens = mini.clip.tokenize("a cat and a frog")
     c0 = mini.clip.encode_from_tokens(tokens)
