@@ -72,5 +72,6 @@ class RunCapture:
                 step=step, sigma=float(self.sigmas.get(step, float("nan"))),
                 maps=torch.stack([layers[k] for k in keys]),
                 losses={n: v.detach().float().cpu() for n, v in log.get("losses", {}).items()},
-                iterations=int(log.get("iterations", 0))))
+                iterations=int(log.get("iterations", 0)),
+                trace=log["trace"].detach().float().cpu() if "trace" in log else None))
         return rec

@@ -168,6 +168,7 @@ class GuidedStep:
     iterations: gradient steps taken (refinement steps + the regular one; 0 when nothing moved).
     skipped: bool [B], True where an update was skipped for a non-finite loss or gradient.
     maps: [B, C, h', w'] detached, unsmoothed maps at the latent before any update at this step.
+    trace: [F, B] total loss at each of the step's F forward passes, in order (refinement progress).
     """
 
     latent: torch.Tensor
@@ -176,6 +177,7 @@ class GuidedStep:
     iterations: int
     skipped: torch.Tensor
     maps: torch.Tensor
+    trace: torch.Tensor
 
 
 def _retention_masks(
@@ -295,6 +297,7 @@ def _guided_step(
         return leaf, maps, losses
 
     leaf, maps, losses = forward(start)
+    trace = [losses["total"].detach()]
     entry_maps = maps.detach()
     entry_losses = {name: value.detach() for name, value in losses.items()}
     skipped = torch.zeros(start.shape[0], dtype=torch.bool, device=start.device)
@@ -312,6 +315,7 @@ def _guided_step(
             skipped |= bad
             iterations += 1
             leaf, maps, losses = forward(latent)
+            trace.append(losses["total"].detach())
         everyone = torch.ones_like(skipped)
         latent, bad = _descend(leaf, losses["total"], step_size, everyone)
         skipped |= bad
@@ -333,4 +337,5 @@ def _guided_step(
         iterations=iterations,
         skipped=skipped,
         maps=entry_maps,
+        trace=torch.stack(trace),
     )

@@ -20,6 +20,7 @@ class StepRecord:
     losses: name -> [B] float32, e.g. "segregation", "retention", "attend_excite", "total".
             Filled for guided steps by the guidance pass (values before that step's update).
     iterations: gradient steps taken at this step (0 when not guided, >1 with refinement).
+    trace:  [F, B] total loss at each forward pass of a guided step (None when not guided).
     """
 
     step: int
@@ -27,6 +28,7 @@ class StepRecord:
     maps: torch.Tensor
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     iterations: int = 0
+    trace: torch.Tensor | None = None
 
 
 @dataclass

@@ -134,7 +134,7 @@ class AStarSampling:
                                  layout_masks=self._layout(x.shape[-2:], x.shape[0]),
                                  check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
             x_new = result.latent.to(x.dtype) * scale
-        log[step] = {"losses": result.losses, "iterations": result.iterations}
+        log[step] = {"losses": result.losses, "iterations": result.iterations, "trace": result.trace}
         if bool(result.skipped.any()):
             logging.warning("A-STAR: step %d: update skipped for sample(s) %s (non-finite loss or gradient)",
                             step, torch.nonzero(result.skipped).flatten().tolist())

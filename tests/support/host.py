@@ -226,4 +226,5 @@ class ServerHost:
 def pack_module(name: str):
     """A module of the pack as ComfyUI loaded it (e.g. 'nodes.patch', 'attention.losses')."""
     import importlib
-    return importlib.import_module(f"{PACK_MODULE}.{name}")
+    root = next(m for m in sys.modules if m.endswith(PACK_MODULE))  # ComfyUI names it by its path
+    return importlib.import_module(f"{root}.{name}")

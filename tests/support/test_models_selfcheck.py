@@ -105,19 +105,30 @@ def _rel_change(a, b):
 
 
 @pytest.fixture(scope="module")
-def paths():
-    return {
-        "mini": M.build_sd15_checkpoint(M.cache_path(CACHE, "sd15", "mini"), "mini"),
-        "full": M.build_sd15_checkpoint(M.cache_path(CACHE, "sd15", "full"), "full"),
-        "lora": M.build_sd15_lora(M.cache_path(CACHE, "sd15-lora", "mini"), "mini"),
-        "controlnet": M.build_sd15_controlnet(M.cache_path(CACHE, "sd15-controlnet", "mini"), "mini"),
-    }
+def mini_path():
+    return M.build_sd15_checkpoint(M.cache_path(CACHE, "sd15", "mini"), "mini")
+
+
+@pytest.fixture(scope="module")
+def full_path():
+    return M.build_sd15_checkpoint(M.cache_path(CACHE, "sd15", "full"), "full")
+
+
+@pytest.fixture(scope="module")
+def lora_path():
+    return M.build_sd15_lora(M.cache_path(CACHE, "sd15-lora", "mini"), "mini")
+
+
+@pytest.fixture(scope="module")
+def controlnet_path():
+    return M.build_sd15_controlnet(M.cache_path(CACHE, "sd15-controlnet", "mini"), "mini")
 
 
 @pytest.mark.parametrize("layout", M.LAYOUTS)
-def test_checkpoint_file_layout(paths, layout):
+def test_checkpoint_file_layout(request, layout):
     from safetensors import safe_open
-    with safe_open(str(paths[layout]), framework="pt") as f:
+    path = request.getfixturevalue(f"{layout}_path")
+    with safe_open(str(path), framework="pt") as f:
         keys = list(f.keys())
         dtypes = {f.get_slice(k).get_dtype() for k in keys}
         unet_params = sum(int(torch.Size(f.get_slice(k).get_shape()).numel())
@@ -146,26 +157,29 @@ class _LoadedSD15:
             sigma = self.model.model.model_sampling.sigmas[500].reshape(1)
             cond = M.sd15_conditioning(1, seed=0)[0][0]
             with torch.inference_mode(False), torch.enable_grad():
-                out = self.model.model.apply_model(x, sigma, c_crossattn=cond)
-                (grad,) = torch.autograd.grad(out.float().square().mean(), x)
+                denoised = self.model.model.apply_model(x, sigma, c_crossattn=cond)
+                # EPS model: denoised = x - eps * sigma. The loss is taken on the UNet's own
+                # prediction, so a dead UNet (zero output conv) gives a zero gradient.
+                eps = (x - denoised) / sigma
+                (grad,) = torch.autograd.grad(eps.float().square().mean(), x)
         finally:
             for h in handles:
                 h.remove()
         self.attn = seen
-        self.out, self.grad = out.detach(), grad
+        self.out, self.grad = eps.detach(), grad
 
 
 @pytest.fixture(scope="module")
-def mini(paths):
-    loaded = _LoadedSD15(paths["mini"])
+def mini(mini_path):
+    loaded = _LoadedSD15(mini_path)
     yield loaded
     del loaded
     _release()
 
 
 @pytest.fixture(scope="class")
-def full(paths):
-    loaded = _LoadedSD15(paths["full"])
+def full(full_path):
+    loaded = _LoadedSD15(full_path)
     yield loaded
     del loaded
     _release()
@@ -180,6 +194,7 @@ def _check_loaded(loaded, expected_attn):
     assert all(depth == 1 for _, depth in loaded.attn.values())
     assert loaded.out.shape == (1, 4, 8, 8)
     assert torch.isfinite(loaded.out).all()
+    assert 0.05 < loaded.out.float().std() < 20  # a sane, non-constant noise prediction
     assert torch.isfinite(loaded.grad).all()
     assert loaded.grad.abs().max() > 0
     assert loaded.grad.abs().mean() > 1e-8
@@ -212,14 +227,14 @@ def test_mini_vae_decodes(mini):
     assert torch.isfinite(images).all() and images.float().std() > 0
 
 
-def test_same_seed_same_bytes(paths, tmp_path):
+def test_same_seed_same_bytes(mini_path, lora_path, controlnet_path, tmp_path):
     again = M.build_sd15_checkpoint(tmp_path / "mini.safetensors", "mini", seed=0)
-    assert _sha256(again) == _sha256(paths["mini"])
+    assert _sha256(again) == _sha256(mini_path)
     cn = M.build_sd15_controlnet(tmp_path / "cn.safetensors", "mini", seed=0)
-    assert _sha256(cn) == _sha256(paths["controlnet"])
+    assert _sha256(cn) == _sha256(controlnet_path)
     lora0 = M.build_sd15_lora(tmp_path / "lora0.safetensors", "mini", seed=0)
     lora1 = M.build_sd15_lora(tmp_path / "lora1.safetensors", "mini", seed=1)
-    assert _sha256(lora0) == _sha256(paths["lora"])
+    assert _sha256(lora0) == _sha256(lora_path)
     assert _sha256(lora1) != _sha256(lora0)
     # An existing file is reused, not rebuilt.
     mtime = os.stat(again).st_mtime_ns
@@ -227,11 +242,11 @@ def test_same_seed_same_bytes(paths, tmp_path):
     assert os.stat(again).st_mtime_ns == mtime
 
 
-def test_lora_applies_and_changes_output(mini, paths):
-    lora = comfy.utils.load_torch_file(str(paths["lora"]), safe_load=True)
+def test_lora_applies_and_changes_output(mini, lora_path):
+    lora = comfy.utils.load_torch_file(str(lora_path), safe_load=True)
     model_l, clip_l = comfy.sd.load_lora_for_models(mini.model, mini.clip, lora, 1.0, 1.0)
-    n_unet, n_te = M.lora_key_count(paths["lora"], "unet"), M.lora_key_count(paths["lora"], "te")
-    assert n_unet > 0 and n_te > 0 and M.lora_key_count(paths["lora"]) == n_unet + n_te
+    n_unet, n_te = M.lora_key_count(lora_path, "unet"), M.lora_key_count(lora_path, "te")
+    assert n_unet > 0 and n_te > 0 and M.lora_key_count(lora_path) == n_unet + n_te
     assert len(model_l.patches) == n_unet
     assert len(clip_l.patcher.patches) == n_te
 
@@ -249,12 +264,12 @@ def test_lora_applies_and_changes_output(mini, paths):
     _release()
 
 
-def test_controlnet_loads_and_changes_output(mini, paths):
-    cnet = comfy.controlnet.load_controlnet(str(paths["controlnet"]))
+def test_controlnet_loads_and_changes_output(mini, controlnet_path):
+    cnet = comfy.controlnet.load_controlnet(str(controlnet_path))
     assert isinstance(cnet, comfy.controlnet.ControlNet)
     # Every tensor of the file reached the control model (ComfyUI loads with strict=False).
     from safetensors.torch import load_file
-    stored = load_file(str(paths["controlnet"]))
+    stored = load_file(str(controlnet_path))
     loaded = cnet.control_model.state_dict()
     assert len(loaded) == len(stored)
     for k, v in stored.items():
