@@ -10,6 +10,7 @@ noise is drawn from seed + segment index.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -17,7 +18,7 @@ import torch
 import comfy.model_management
 import comfy.samplers
 
-from ..attention.capture import GuidanceCapture, RunCapture
+from ..attention.capture import GuidancePasses, RunCapture
 from ..attention.guidance import GuidanceConfig, guided_step
 from ..attention.maps import resize_mask
 from ..attention.recording import AttentionRecording
@@ -43,6 +44,12 @@ def _shifted(callback, offset):
     return lambda d: callback({**d, "i": d["i"] + offset})
 
 
+def _saved_copies():
+    """Autograd keeps its own copy of each tensor it saves. Needed with ControlNet: the UNet adds
+    control residuals in place (h += ctrl) to skip tensors the next layers have already saved."""
+    return torch.autograd.graph.saved_tensors_hooks(lambda t: t.detach().clone(), lambda t: t)
+
+
 class AStarSampling:
     """SAMPLER_SAMPLE wrapper. Holds the user's settings; everything about one run lives in that
     run's call. Fills `recording` (the node's ASTAR_ATTENTION output) when the run ends."""
@@ -65,6 +72,7 @@ class AStarSampling:
         run = RunCapture(self.level, words, groups)
         run.sigmas = {i: float(s) for i, s in enumerate(sigmas[:-1])}
         log: dict[int, dict] = {}
+        passes = GuidancePasses(self.level)  # lean guidance passes (stop after the last read layer)
         self.recording.words, self.recording.layers, self.recording.steps = words, [], []
         transformer_options = extra_args["model_options"].setdefault("transformer_options", {})
         transformer_options[CAPTURES_KEY] = [run]
@@ -77,7 +85,8 @@ class AStarSampling:
             alphas = step_sizes(self.config.scale, n) if guided else ()
             masks = None
             for i in range(guided):
-                x, masks = self._guide(model_k, guider, positive, groups, x, sigmas[i], i, alphas[i], masks, extra_args, log)
+                x, masks = self._guide(model_k, guider, positive, groups, x, sigmas[i], i, alphas[i], masks, extra_args, log,
+                                       passes)
                 x = original(model_k, x, sigmas[i:i + 2], extra_args={**extra_args, "seed": (extra_args.get("seed") or 0) + i},
                              callback=_shifted(callback, i), disable=disable, **options)
             if guided < n:
@@ -101,7 +110,7 @@ class AStarSampling:
         h, w = map_size(latent_hw, self.level)
         return {c: resize_mask(m, h, w) for c, m in enumerate(self.layout_masks) if float(m.max()) > 0}
 
-    def _guide(self, model_k, guider, positive, groups, x, sigma, step, alpha, masks, extra_args, log):
+    def _guide(self, model_k, guider, positive, groups, x, sigma, step, alpha, masks, extra_args, log, passes):
         """One guided step: returns (the updated latent the sampler continues from, the masks)."""
         model = guider.inner_model
         denoise_mask = extra_args.get("denoise_mask")
@@ -116,13 +125,14 @@ class AStarSampling:
             base_to = model_options.get("transformer_options", {})
 
             def maps_fn(z):
-                capture = GuidanceCapture(self.level)
+                capture = passes.capture()
                 options = {**model_options, "transformer_options": {**base_to, CAPTURES_KEY: [capture]}}
                 x_in = z * scale
                 if denoise_mask is not None:
                     known = model.scale_latent_inpaint(x=x_in, sigma=sigma_b, noise=model_k.noise, latent_image=model_k.latent_image)
                     x_in = x_in * denoise_mask + known * (1.0 - denoise_mask)
-                comfy.samplers.calc_cond_batch(model, [positive], x_in, sigma_b, options)
+                with _saved_copies() if control_modules(positive) else contextlib.nullcontext():
+                    passes.run(capture, lambda: comfy.samplers.calc_cond_batch(model, [positive], x_in, sigma_b, options))
                 try:
                     return capture.concept_maps(groups)
                 except LookupError:

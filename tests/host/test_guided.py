@@ -69,3 +69,125 @@ def test_one_guided_step_lowers_the_loss(host, request, which):
         assert trace.shape == (2, 2), trace
         assert torch.isfinite(trace).all()
         assert (trace[1] < trace[0]).all(), f"{which} {mode}: loss before/after one step {trace.tolist()}"
+    if which == "full":  # 1/32 of the image side on the exact SD1.5 layout: A&E's 16x16 layers at 512 px
+        assert rec.layers == [("input", 7, 0), ("input", 8, 0), ("output", 3, 0), ("output", 4, 0), ("output", 5, 0)]
+
+
+def _cross_attention_block_keys(unet):
+    import comfy.ldm.modules.attention as comfy_attention
+    keys = []
+    for name, blocks in (("input", unet.input_blocks), ("middle", [unet.middle_block]), ("output", unet.output_blocks)):
+        for i, block in enumerate(blocks):
+            if any(isinstance(m, comfy_attention.SpatialTransformer) for m in block):
+                keys.append((name, i))
+    return keys
+
+
+def test_euler_equals_a_reference_loop(host, mini_ckpt):
+    """The A-STAR KSampler with Euler equals a loop written here: at each guided step, the latent is
+    updated by -alpha_t * grad_z L (z = x / sqrt(1 + sigma^2)) before that step's prediction."""
+    steps, guided, cfg, seed, step_size = 4, 3, 7.5, 3, 2.0
+    latent, rec = run_sampler(host, mini_ckpt, steps=steps, guided_steps=guided, cfg=cfg, seed=seed,
+                              step_size=step_size, size=64, resolution="1/16")
+
+    import comfy.ldm.modules.attention as comfy_attention
+    import comfy.model_management
+    import comfy.sample
+    import comfy.samplers
+    import comfy.sd
+    import folder_paths
+    guidance = hosts.pack_module("attention.guidance")
+    losses = hosts.pack_module("attention.losses")
+    maps_mod = hosts.pack_module("attention.maps")
+
+    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(
+        folder_paths.get_full_path("checkpoints", mini_ckpt), output_vae=False, output_clip=True)
+    comfy.model_management.load_models_gpu([model])
+    base = model.model
+    base.requires_grad_(False)
+
+    def encode(text):
+        return clip.encode_from_tokens_scheduled(clip.tokenize(text))[0][0]
+
+    cond, uncond = encode("a cat and a frog"), encode("")
+    store = []
+
+    def record(q, k, v, extra):
+        latent_h, act_h = extra["original_shape"][2], extra["activations_shape"][2]
+        if latent_h // act_h == 2:  # 1/16 of the image side = latent / 2
+            heads = extra["n_heads"]
+            d = q.shape[-1] // heads
+            qh = q.reshape(q.shape[0], -1, heads, d).transpose(1, 2).float()
+            kh = k.reshape(k.shape[0], -1, heads, d).transpose(1, 2).float()
+            store.append(torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(d), dim=-1).mean(1))
+        return comfy_attention.optimized_attention(q, k, v, extra["n_heads"])
+
+    options = {"patches_replace": {"attn2": {key: record for key in _cross_attention_block_keys(base.diffusion_model)}}}
+    config = guidance.GuidanceConfig(mode="astar", guided_steps=guided, scale=step_size)
+    sigmas = comfy.samplers.calculate_sigmas(base.model_sampling, "normal", steps)
+    alphas = [step_size * math.sqrt(a) for a in torch.linspace(1.0, 0.5, steps).tolist()]
+    x = comfy.sample.prepare_noise(torch.zeros(1, 4, 8, 8), seed) * torch.sqrt(1.0 + sigmas[0] ** 2)
+    masks = None
+    ref_losses = []
+    for i in range(steps):
+        s = sigmas[i].reshape(1)
+        if i < guided:
+            c = torch.sqrt(1.0 + s ** 2)
+            z = (x / c).detach().requires_grad_(True)
+            store.clear()
+            with torch.enable_grad():
+                base.apply_model(z * c, s, c_crossattn=cond, transformer_options=options)
+                probs = torch.stack(store).mean(0)  # [1, 16, 77]: mean over layers (and heads above)
+                soft = torch.softmax(probs[..., 1:-1] * 100, dim=-1)  # A&E: drop SOT and last, x100
+                maps = soft[..., [2 - 1, 5 - 1]].transpose(1, 2).reshape(1, 2, 4, 4)  # cat at 2, frog at 5
+                total = guidance.guidance_losses(maps, masks, config)["total"]
+                (grad,) = torch.autograd.grad(total.sum(), z)
+            ref_losses.append(float(total.detach()))
+            masks = losses.binarize(maps_mod.gaussian_smooth(maps.detach()), "fraction", 0.5)
+            x = ((z - alphas[i] * grad) * c).detach()
+        with torch.no_grad():
+            den_c = base.apply_model(x, s, c_crossattn=cond)
+            den_u = base.apply_model(x, s, c_crossattn=uncond)
+            denoised = den_u + cfg * (den_c - den_u)
+            x = x + (x - denoised) / s * (sigmas[i + 1] - s)
+    expected = base.process_latent_out(x)
+    got_losses = [float(r.losses["total"]) for r in rec.steps[:guided]]
+    assert got_losses == pytest.approx(ref_losses, rel=1e-4, abs=1e-5)
+    torch.testing.assert_close(latent["samples"], expected, rtol=1e-3, atol=1e-3)
+    assert not torch.allclose(latent["samples"], run_sampler(host, mini_ckpt, steps=steps, guided_steps=0, cfg=cfg,
+                                                             seed=seed, size=64)[0]["samples"])
+
+
+@pytest.mark.sdxl
+def test_sdxl_concepts_map_through_both_encoders_and_a_guided_step_lowers_the_loss(host):
+    import comfy.sample
+    from support.models import build_sdxl_model, sdxl_conditioning, sdxl_tokenizer
+    prompt = hosts.pack_module("nodes.prompt")
+    sampler = hosts.pack_module("nodes.sampler")
+    tokens_mod = hosts.pack_module("attention.tokens")
+    text = "a photo of a (teddy bear:1.2) and a red car"
+    tokenizer = sdxl_tokenizer()
+    tokens = tokenizer.tokenize_with_weights(text)
+    assert set(tokens) == {"g", "l"}
+    pt = prompt.PromptTokens(text, tokens, tokenizer)
+    assert pt.locate(tokens_mod.parse_concepts("teddy bear, car")) == [[5, 6], [10]]
+    with pytest.raises(ValueError, match="'dog' is not in the prompt.*teddy"):
+        pt.locate(tokens_mod.parse_concepts("dog"))
+
+    model = build_sdxl_model(seed=0)
+    positive = sdxl_conditioning(batch=1, seed=1, width=128, height=128)
+    positive[0][1][prompt.PROMPT_KEY] = pt
+    negative = sdxl_conditioning(batch=1, seed=2, width=128, height=128)
+    patched, rec = sampler.build_guidance(model, "teddy bear, car", "1/32", positive=positive, guided_steps=1,
+                                          step_size=0.5, refine=True, refine_thresholds="0:1.0", max_refine_iters=1)
+    latent = torch.zeros(1, 4, 16, 16)
+    with torch.inference_mode():  # as ComfyUI's executor runs nodes
+        out = comfy.sample.sample(patched, comfy.sample.prepare_noise(latent, 0), 2, 1.0, "euler", "normal",
+                                  positive, negative, latent, seed=0)
+    assert torch.isfinite(out).all()
+    blocks = {(b, i) for b, i, _ in rec.layers}
+    assert blocks == {("input", 7), ("input", 8), ("middle", 0), ("output", 0), ("output", 1), ("output", 2)}
+    assert len(rec.layers) == 60  # 10 transformer blocks each at 1/32 of the image side
+    trace = rec.steps[0].trace
+    assert (trace[1] < trace[0]).all(), trace.tolist()
+    del model, patched

@@ -181,11 +181,19 @@ def _ensure_comfy() -> None:
 # Helpers
 # ----------------------------------------------------------------------------------------------
 
+# ComfyUI's model folder names, so a server whose extra_model_paths points at the cache finds them.
+_CACHE_FOLDERS = {"sd15": "checkpoints", "sd15-lora": "loras", "sd15-controlnet": "controlnet"}
+
+
 def cache_path(cache_dir: PathLike, kind: str, layout: str = "", seed: int = 0,
                suffix: str = ".safetensors") -> Path:
-    """A stable file name in ``cache_dir`` for a model kind, e.g. ``sd15-mini-s0-v1.safetensors``."""
+    """A stable file name for a model in the cache, in ComfyUI's folder for its kind.
+
+    kind "sd15" -> checkpoints/, "sd15-lora" -> loras/, "sd15-controlnet" -> controlnet/ (others
+    at the top), e.g. ``<cache>/checkpoints/sd15-mini-s0-v1.safetensors``.
+    """
     parts = [kind] + ([layout] if layout else []) + [f"s{seed}", f"v{FACTORY_VERSION}"]
-    return Path(cache_dir) / ("-".join(parts) + suffix)
+    return Path(cache_dir) / _CACHE_FOLDERS.get(kind, "") / ("-".join(parts) + suffix)
 
 
 def _check_layout(layout: str) -> None:

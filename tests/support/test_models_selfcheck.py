@@ -1,8 +1,10 @@
 """Self-checks of the random-weight model factory (tests/support/models.py) against a real ComfyUI.
 
 Environment: COMFYUI_ROOT (default /root/.cache/astar-comfyui/ComfyUI) and ASTAR_TEST_MODELS, the
-model cache (default /root/.cache/astar-comfyui/test-models). The first run builds about 2.8 GB of
-files there (about 30 s); the SDXL check builds its UNet in memory every time (about 1 min, 5 GB).
+model cache (default /root/.cache/astar-comfyui/test-models; files go to its checkpoints/, loras/ and
+controlnet/ folders, see models.cache_path). The first run builds about 2.9 GB of files there (about
+25 s); the SDXL check builds its UNet in memory every time (15-45 s, about 6 GB peak RSS).
+Deselect it with -m "not sdxl". Run the whole file in about 1-1.5 min on 2 idle cores.
 """
 
 from __future__ import annotations
