@@ -52,6 +52,24 @@ if [ ! -f "$STAMP" ]; then
   touch "$STAMP"
 fi
 
+# The browser test (tests/host/test_browser.py) drives Debian's Chromium with Python playwright. playwright's
+# wheel carries its driver; no browser is downloaded (`playwright install` is never run).
+PLAYWRIGHT_PIN="playwright==1.65.2"
+if ! "$PY" -c "import playwright.sync_api" 2>/dev/null; then
+  log "installing $PLAYWRIGHT_PIN into the venv (browser test)"
+  "$PY" -m pip install -q "$PLAYWRIGHT_PIN"
+fi
+if ! command -v chromium >/dev/null 2>&1 && [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    log "installing Debian's chromium (browser test)"
+    apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium fonts-liberation >/dev/null
+  else
+    log "WARNING: no chromium found and cannot apt-get install it (not root): the browser test will fail;" \
+        "install Debian's chromium or set ASTAR_CHROMIUM=/path/to/chromium"
+  fi
+fi
+
 # The host loads the pack from $ASTAR_HOME/custom_nodes/<link to this checkout>.
 mkdir -p "$ASTAR_HOME/custom_nodes"
 ln -sfn "$PACK_DIR" "$ASTAR_HOME/custom_nodes/astar_pack"

@@ -1,0 +1,251 @@
+"""The example workflows in the real ComfyUI frontend, in headless Chromium (Debian's `chromium`, driven
+by Python playwright; tools/setup.sh installs both): each loads with no missing node and no error, the
+frontend's own conversion (graphToPrompt) equals tools/workflow_to_api.py's, and one example queued
+from the page produces images the page shows. Screenshots go to test-artifacts/ (gitignored)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from support import host as hosts
+from tools.workflow_to_api import convert, widget_inputs
+
+EXAMPLES_DIR = hosts.PACK_DIR / "example_workflows"
+EXAMPLES = sorted(p.stem for p in EXAMPLES_DIR.glob("*.json"))
+ARTIFACTS = hosts.PACK_DIR / "test-artifacts"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+# The frontend asks api.comfy.org about node packs; the page's CSP blocks that on an offline host.
+IGNORED_CONSOLE = ("Content Security Policy",)
+APP_READY = "() => window.app && window.app.graph && window.app.extensionManager && window.LiteGraph"
+
+
+def chromium_path() -> str:
+    for cand in (os.environ.get("ASTAR_CHROMIUM"), shutil.which("chromium"), shutil.which("chromium-browser"),
+                 "/usr/bin/chromium"):
+        if cand and Path(cand).exists():
+            return cand
+    pytest.fail("Chromium is missing: tools/setup.sh installs Debian's `chromium` (apt-get install chromium), "
+                "or set ASTAR_CHROMIUM to a Chromium binary. The browser test does not skip.")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("Python playwright is missing: tools/setup.sh installs it into the venv "
+                    "(pip install playwright; no browser download, Debian's chromium is used)")
+    exe = chromium_path()
+    profile = tempfile.mkdtemp(prefix="astar-chromium-")
+    pw = sync_playwright().start()
+    try:
+        context = pw.chromium.launch_persistent_context(
+            profile, executable_path=exe, headless=True, args=CHROMIUM_FLAGS,
+            viewport={"width": 1600, "height": 1000})
+        yield context
+        context.close()
+    finally:
+        pw.stop()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+class Page:
+    """The ComfyUI frontend in one tab, with its console collected."""
+
+    def __init__(self, context, server):
+        self.server = server
+        self.console: list[tuple[str, str]] = []
+        status, _ = server.post("/settings/Comfy.TutorialCompleted", True)
+        assert status == 200
+        self.page = context.new_page()
+        self.page.on("console", lambda m: self.console.append((m.type, m.text)))
+        self.page.on("pageerror", lambda e: self.console.append(("pageerror", str(e))))
+        t = time.time()
+        self.page.goto(server.url + "/", wait_until="domcontentloaded")
+        self.page.wait_for_function(APP_READY, timeout=120_000)
+        self.load_s = time.time() - t
+        # Record what the frontend reports as missing node types (and still show its dialog).
+        self.page.evaluate("""() => {
+            window.__astarMissing = [];
+            const show = window.app.showMissingNodesError.bind(window.app);
+            window.app.showMissingNodesError = (types) => { window.__astarMissing.push(...types); return show(types); };
+        }""")
+
+    def errors_since(self, start: int) -> list[str]:
+        return [f"{kind}: {text}" for kind, text in self.console[start:]
+                if kind in ("error", "pageerror") and not any(s in text for s in IGNORED_CONSOLE)]
+
+    def load(self, workflow: dict, name: str) -> dict:
+        """Load a workflow as the templates menu does; returns what went wrong (empty lists when fine)."""
+        start = len(self.console)
+        self.page.evaluate("async ([wf, name]) => { window.__astarMissing = [];"
+                           " await window.app.loadGraphData(wf, true, true, name); }", [workflow, name])
+        self.page.wait_for_timeout(500)
+        return {
+            "missing_reported": self.page.evaluate("() => window.__astarMissing"),
+            "unregistered": self.page.evaluate(
+                "() => window.app.graph.nodes.filter(n => !(n.type in window.LiteGraph.registered_node_types))"
+                ".map(n => n.type)"),
+            "node_count": self.page.evaluate("() => window.app.graph.nodes.length"),
+            "dialogs": self.page.evaluate(
+                "() => Array.from(document.querySelectorAll('.p-dialog')).map(d => d.innerText.slice(0, 300))"),
+            "error_toasts": self.page.evaluate(
+                "() => Array.from(document.querySelectorAll('.p-toast-message-error, .p-toast-message-warn'))"
+                ".map(d => d.innerText.slice(0, 300))"),
+            "console_errors": self.errors_since(start),
+        }
+
+    def graph_to_prompt(self) -> dict:
+        return self.page.evaluate("async () => (await window.app.graphToPrompt()).output")
+
+    def screenshot(self, name: str, fit: bool = True) -> Path:
+        if fit:
+            self.page.evaluate("async () => { await window.app.extensionManager.command.execute('Comfy.Canvas.FitView'); }")
+            self.page.wait_for_timeout(300)
+        ARTIFACTS.mkdir(exist_ok=True)
+        path = ARTIFACTS / f"browser_{name}.png"
+        self.page.screenshot(path=str(path))
+        return path
+
+
+@pytest.fixture(scope="module")
+def page(browser, server):
+    p = Page(browser, server)
+    yield p
+    p.page.close()
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return server.get("/object_info")
+
+
+def template_module(server) -> str:
+    """The pack's folder name as the server lists it under /workflow_templates."""
+    listing = server.get("/workflow_templates")
+    for module, names in listing.items():
+        if set(EXAMPLES) <= set(names):
+            return module
+    pytest.fail(f"the server does not list the pack's example workflows as templates: {listing}")
+
+
+def test_templates_are_served(server):
+    module = template_module(server)
+    for name in EXAMPLES:
+        wf = server.get(f"/api/workflow_templates/{module}/{name}.json")
+        assert wf == json.loads((EXAMPLES_DIR / f"{name}.json").read_text(encoding="utf-8"))
+        png = server.get(f"/api/workflow_templates/{module}/{name}.png", raw=True)
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        jpg = server.get(f"/api/workflow_templates/{module}/{name}.jpg", raw=True)  # what the dialog shows
+        assert jpg[:3] == b"\xff\xd8\xff"
+
+
+def test_templates_dialog_shows_and_opens_the_examples(page, server):
+    """The user's path: Templates > the pack's category shows every example with its thumbnail (this
+    frontend asks for <name>.jpg), and clicking one loads it."""
+    module = template_module(server)
+    page.page.evaluate("async () => { await window.app.extensionManager.command.execute('Comfy.BrowseTemplates'); }")
+    page.page.get_by_text(module, exact=True).first.click(timeout=30_000)
+    page.page.wait_for_function(
+        "(names) => names.every(n => { const img = document.querySelector("
+        "`[data-testid=\"template-workflow-${n}\"] img`); return img && img.complete && img.naturalWidth > 0; })",
+        arg=EXAMPLES, timeout=30_000)
+    page.screenshot("templates_dialog", fit=False)
+    start = len(page.console)
+    page.page.evaluate("() => { window.__astarMissing = []; }")
+    page.page.locator('[data-testid="template-workflow-astar_sd15"]').click()
+    expected = len(json.loads((EXAMPLES_DIR / "astar_sd15.json").read_text(encoding="utf-8"))["nodes"])
+    page.page.wait_for_function(
+        "(n) => window.app.graph.nodes.length === n"
+        " && window.app.graph.nodes.some(n => n.type === 'AStarKSampler')", arg=expected, timeout=30_000)
+    page.page.wait_for_timeout(500)
+    assert page.page.evaluate("() => window.__astarMissing") == []
+    assert not page.errors_since(start)
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_loads_in_the_frontend(page, server, object_info, name):
+    """The template as the frontend fetches it loads with no missing node type, no dialog, no error
+    toast and no console error; the frontend's graphToPrompt equals our converter's output."""
+    module = template_module(server)
+    workflow = page.page.evaluate(f"async () => await (await fetch('/api/workflow_templates/{module}/{name}.json')).json()")
+    report = page.load(workflow, name)
+    page.screenshot(name)
+    assert report["node_count"] == len(workflow["nodes"]), report
+    assert not report["missing_reported"] and not report["unregistered"], report
+    assert not report["dialogs"] and not report["error_toasts"], report
+    assert not report["console_errors"], report
+    frontend = page.graph_to_prompt()
+    ours = convert(workflow, object_info)
+    assert set(frontend) == set(ours)
+    for nid, entry in frontend.items():
+        known = {k: v for k, v in entry["inputs"].items() if k in ours[nid]["inputs"] or k in _inputs_of(object_info, entry)}
+        assert entry["class_type"] == ours[nid]["class_type"]
+        assert known == ours[nid]["inputs"], f"node {nid} ({entry['class_type']})"
+
+
+def _inputs_of(object_info, entry) -> set:
+    d = object_info[entry["class_type"]]["input"]
+    return set(d.get("required", {})) | set(d.get("optional", {}))
+
+
+def _set_widget(node: dict, name: str, value, object_info) -> None:
+    i = 0
+    for widget, extra in widget_inputs(object_info[node["type"]]):
+        if widget == name:
+            node["widgets_values"][i] = value
+            return
+        i += 1 + extra
+    raise KeyError(f"{node['type']} has no widget {name}")
+
+
+def test_queue_from_the_page(page, server, object_info, mini_ckpt):
+    """astar_sd15 with the mini checkpoint at 64 px, queued with the page's own Queue (app.queuePrompt):
+    the run succeeds, the history has its images and the page shows them on the Save Image nodes."""
+    workflow = json.loads((EXAMPLES_DIR / "astar_sd15.json").read_text(encoding="utf-8"))
+    for node in workflow["nodes"]:
+        if node["type"] == "CheckpointLoaderSimple":
+            _set_widget(node, "ckpt_name", mini_ckpt, object_info)
+        elif node["type"] == "EmptyLatentImage":
+            _set_widget(node, "width", 64, object_info)
+            _set_widget(node, "height", 64, object_info)
+        elif node["type"] == "AStarKSampler":
+            for key, value in (("steps", 3), ("guided_steps", 2), ("attention_resolution", "1/16"), ("seed", 4242)):
+                _set_widget(node, key, value, object_info)
+    report = page.load(workflow, "astar_sd15_queued")
+    assert not report["missing_reported"] and not report["console_errors"], report
+    before = set(server.get("/history?max_items=1000"))
+    start = len(page.console)
+    page.page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
+    deadline = time.time() + 300
+    new = None
+    while time.time() < deadline:
+        hist = server.get("/history?max_items=1000")
+        new = [pid for pid in hist if pid not in before and hist[pid].get("status", {}).get("completed") is not None]
+        if new:
+            break
+        time.sleep(0.5)
+    assert new, f"the page's prompt did not finish in 300 s\n{server.log()[-3000:]}"
+    entry = server.get(f"/history/{new[0]}")[new[0]]
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    save_ids = [str(n["id"]) for n in workflow["nodes"] if n["type"] == "SaveImage"]
+    assert all(entry["outputs"].get(nid, {}).get("images") for nid in save_ids), entry["outputs"].keys()
+    main_save = next(str(n["id"]) for n in workflow["nodes"]
+                     if n["type"] == "SaveImage" and n["widgets_values"][0] == "astar/sd15")
+    filename = entry["outputs"][main_save]["images"][0]["filename"]
+    # The page shows them: each Save Image node gets its images from the server's "executed" messages.
+    page.page.wait_for_function(
+        "([id, f, count]) => { const n = window.app.graph.getNodeById(Number(id));"
+        " const shown = window.app.graph.nodes.filter(m => m.type === 'SaveImage' && m.imgs && m.imgs.length);"
+        " return n && n.imgs && n.imgs.some(i => i.src.includes('/view') && i.src.includes(f))"
+        " && shown.length === count; }",
+        arg=[main_save, filename, len(save_ids)], timeout=30_000)
+    assert not page.errors_since(start)
+    page.screenshot("astar_sd15_queued_result")
