@@ -110,19 +110,19 @@ class AttentionOverlay(io.ComfyNode):
                             "it scales each concept's colour by its map."),
             ],
             outputs=[
-                io.Image.Output("heatmaps", tooltip="One heatmap per image and concept (image-major), "
+                io.Image.Output("heatmaps", display_name="heatmaps", tooltip="One heatmap per image and concept (image-major), "
                                                     "labelled with the concept's word."),
-                io.Image.Output("combined", tooltip="Every concept in its own colour over the image; "
+                io.Image.Output("combined", display_name="combined", tooltip="Every concept in its own colour over the image; "
                                                     "overlaps mix their colours; with a legend."),
-                io.Image.Output("timeline", tooltip="Per image: one row per concept, one column per "
+                io.Image.Output("timeline", display_name="timeline", tooltip="Per image: one row per concept, one column per "
                                                     "recorded step (left = first); step numbers on top, "
                                                     "white = guided step."),
-                io.Image.Output("overlap", tooltip="Per image and concept pair, min(A, B) per pixel: what "
+                io.Image.Output("overlap", display_name="overlap", tooltip="Per image and concept pair, min(A, B) per pixel: what "
                                                    "the segregation loss penalises. With one concept, "
                                                    "the image itself."),
-                io.Image.Output("loss_plot", tooltip="Losses (solid) and peak attention per concept "
+                io.Image.Output("loss_plot", display_name="loss_plot", tooltip="Losses (solid) and peak attention per concept "
                                                      "(dashed) per step; guided steps shaded."),
-                io.String.Output("report", tooltip="Text table of sigma, losses, iterations and peak "
+                io.String.Output("report", display_name="report", tooltip="Text table of sigma, losses, iterations and peak "
                                                    "attention per step."),
             ],
         )
