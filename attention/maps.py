@@ -148,3 +148,15 @@ def resize_mask(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
         raise ValueError(f"mask must be [H, W] or [B, H, W], got shape {tuple(mask.shape)}")
     resized = F.interpolate(mask.float().unsqueeze(1), size=(height, width), mode="area")
     return resized.squeeze(1).clamp(0.0, 1.0)
+
+
+def fold_repeated_context(probs: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """[..., n * n_tokens] -> [..., n_tokens]: sum the copies of a repeated prompt.
+
+    ComfyUI repeats a short cond to the length of a longer one in the same batch (e.g. a 77-token
+    positive beside a 154-token negative); the copies have identical keys, so each gets 1/n of the
+    attention, and the sum is exactly the probability of the prompt's token."""
+    total = probs.shape[-1]
+    if not n_tokens or total == n_tokens or total % n_tokens:
+        return probs
+    return probs.unflatten(-1, (total // n_tokens, n_tokens)).sum(-2)

@@ -58,6 +58,20 @@ def find_occurrences(sequence: Sequence[Optional[int]], pattern: Sequence[int]) 
     return [i for i in range(len(sequence) - n + 1) if list(sequence[i:i + n]) == list(pattern)]
 
 
+def _listing(token_names: Sequence[str]) -> str:
+    """The prompt's own tokens as "position:name", without start/end tokens and the padding after an
+    end token (CLIP-L pads with the end token, CLIP-G with "!"; a "!" typed in the prompt is kept)."""
+    shown, padding = [], False
+    for i, name in enumerate(token_names):
+        if name == "<|startoftext|>":
+            padding = False
+        elif name == "<|endoftext|>":
+            padding = True
+        elif not padding:
+            shown.append(f"{i}:{name}")
+    return " ".join(shown) if shown else "(none: the prompt is empty)"
+
+
 def locate_concepts(prompt_ids: Sequence[Optional[int]], specs: Sequence[ConceptSpec],
                     word_ids: Callable[[str], Sequence[int]],
                     token_names: Sequence[str]) -> list[list[int]]:
@@ -76,8 +90,7 @@ def locate_concepts(prompt_ids: Sequence[Optional[int]], specs: Sequence[Concept
             raise ValueError(f"concept '{spec.word}' has no tokens; type a word of the prompt")
         starts = find_occurrences(prompt_ids, pattern)
         if len(starts) < spec.occurrence:
-            listing = " ".join(f"{i}:{name}" for i, name in enumerate(token_names)
-                               if name not in ("<|endoftext|>", "<|startoftext|>", "!"))
+            listing = _listing(token_names)
             found = "is not in the prompt" if not starts else \
                 f"occurs only {len(starts)} time(s) in the prompt (asked for #{spec.occurrence})"
             raise ValueError(

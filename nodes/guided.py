@@ -25,7 +25,7 @@ from ..attention.recording import AttentionRecording
 from ..attention.schedule import step_sizes
 from ..attention.tokens import ConceptSpec
 from .patch import CAPTURES_KEY, control_modules, make_autograd_safe
-from .prompt import prompt_tokens_of
+from .prompt import PROMPT_KEY, prompt_tokens_of
 
 WRAPPER_KEY = "astar_guidance"
 
@@ -36,6 +36,14 @@ def map_size(latent_hw, level):
     for _ in range(level):
         h, w = (h + 1) // 2, (w + 1) // 2
     return h, w
+
+
+def _active(entries, sigma) -> bool:
+    """Whether any of the prompt's conditioning entries applies at this sigma (as ComfyUI decides
+    with ConditioningSetTimestepRange's timestep_start/timestep_end)."""
+    s = float(sigma)
+    return any(not ("timestep_start" in c and s > float(c["timestep_start"])) and
+               not ("timestep_end" in c and s < float(c["timestep_end"])) for c in entries)
 
 
 def _shifted(callback, offset):
@@ -67,12 +75,16 @@ class AStarSampling:
         if not hasattr(sampler, "sampler_function"):
             raise ValueError(f"A-STAR works with ComfyUI's KSAMPLER samplers; got {type(sampler).__name__}")
         positive = guider.conds.get("positive")
-        groups = prompt_tokens_of(positive).locate(self.specs)
+        prompt = prompt_tokens_of(positive)
+        groups = prompt.locate(self.specs)
         words = [s.label for s in self.specs]
-        run = RunCapture(self.level, words, groups)
+        # Only the conditioning entries of this prompt are read (ConditioningCombine adds others).
+        entries = [c for c in positive if c.get(PROMPT_KEY) is prompt]
+        source = {"uuids": frozenset(c["uuid"] for c in entries if "uuid" in c) or None, "n_tokens": prompt.length}
+        run = RunCapture(self.level, words, groups, **source)
         run.sigmas = {i: float(s) for i, s in enumerate(sigmas[:-1])}
         log: dict[int, dict] = {}
-        passes = GuidancePasses(self.level)  # lean guidance passes (stop after the last read layer)
+        passes = GuidancePasses(self.level, **source)  # lean guidance passes (stop after the last read layer)
         self.recording.words, self.recording.layers, self.recording.steps = words, [], []
         transformer_options = extra_args["model_options"].setdefault("transformer_options", {})
         transformer_options[CAPTURES_KEY] = [run]
@@ -85,8 +97,12 @@ class AStarSampling:
             alphas = step_sizes(self.config.scale, n) if guided else ()
             masks = None
             for i in range(guided):
-                x, masks = self._guide(model_k, guider, positive, groups, x, sigmas[i], i, alphas[i], masks, extra_args, log,
-                                       passes)
+                if _active(entries, sigmas[i]):
+                    x, masks = self._guide(model_k, guider, positive, groups, x, sigmas[i], i, alphas[i], masks,
+                                           extra_args, log, passes)
+                else:
+                    logging.info("A-STAR: step %d: the prompt is inactive at this sigma (timestep range); "
+                                 "guidance skipped", i)
                 x = original(model_k, x, sigmas[i:i + 2], extra_args={**extra_args, "seed": (extra_args.get("seed") or 0) + i},
                              callback=_shifted(callback, i), disable=disable, **options)
             if guided < n:
@@ -113,8 +129,10 @@ class AStarSampling:
     def _guide(self, model_k, guider, positive, groups, x, sigma, step, alpha, masks, extra_args, log, passes):
         """One guided step: returns (the updated latent the sampler continues from, the masks)."""
         model = guider.inner_model
-        denoise_mask = extra_args.get("denoise_mask")
         with torch.inference_mode(False):
+            denoise_mask = extra_args.get("denoise_mask")
+            if denoise_mask is not None:
+                denoise_mask = denoise_mask.clone()
             # Ordinary copies of everything autograd will see (the inference-mode fix).
             for module in [model, *control_modules(positive)]:
                 make_autograd_safe(module)

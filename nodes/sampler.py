@@ -43,7 +43,8 @@ def guidance_inputs():
                                "Attend-and-Excite loss (the weakest concept's peak attention), for comparison."),
         io.Int.Input("guided_steps", default=25, min=0, max=10000,
                      tooltip="How many of the first denoising steps are guided (A&E: 25 of 50). Counted on the "
-                             "steps actually run (img2img with denoise < 1 runs fewer). 0 = plain sampling."),
+                             "steps the sampler actually runs (with denoise < 1 the KSampler still runs 'steps' steps, "
+                             "the last ones of a longer schedule; split sigmas may run fewer). 0 = plain sampling."),
         io.Float.Input("step_size", default=20.0, min=0.0, max=1000.0, step=0.5,
                        tooltip="Scale of the latent update; step t uses step_size * sqrt(linspace(1, 0.5, steps)[t]) "
                                "(A&E's schedule, default 20)."),
@@ -78,6 +79,9 @@ def build_guidance(model, concepts, attention_resolution, positive=None, mode="a
                    mask_fraction=0.5, smoothing=True, refine=False, refine_thresholds="", max_refine_iters=20,
                    layout_masks=None):
     """A patched clone of `model` and the recording it will fill. Validates before any sampling."""
+    # The model first: with an SD3/Flux/video model the prompt comes from another encoder, and the
+    # model's type is the error to report, not the prompt's.
+    cross_attention_keys(model)  # clear error for models without UNet cross-attention
     specs = parse_concepts(concepts)
     config = GuidanceConfig(
         mode=mode, segregation_weight=segregation_weight, retention_weight=retention_weight,
@@ -93,7 +97,6 @@ def build_guidance(model, concepts, attention_resolution, positive=None, mode="a
         logging.warning("A-STAR: one concept ('%s'): no pair to segregate, guiding with retention only",
                         specs[0].label)
     level = RESOLUTIONS[attention_resolution]
-    cross_attention_keys(model)  # clear error for models without UNet cross-attention
     recording = AttentionRecording(words=[s.label for s in specs])
     patched = model.clone()
     add_capture_patches(patched)

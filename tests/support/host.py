@@ -77,12 +77,13 @@ class _NoServer:
 class InProcessHost:
     """ComfyUI imported into the test process, with this pack loaded as a custom node."""
 
-    def __init__(self, work: Path):
+    def __init__(self, work: Path, cpu: bool = True):
+        """cpu=False lets ComfyUI use its accelerator (benchmarks on a GPU machine); tests run on CPU."""
         root = str(comfy_root())
         if root not in sys.path:
             sys.path.insert(0, root)
         import comfy.cli_args
-        comfy.cli_args.args.cpu = True
+        comfy.cli_args.args.cpu = cpu
         comfy.cli_args.args.disable_api_nodes = True
         import utils.extra_config  # ComfyUI's utils package, before `nodes` shadows the name
         import folder_paths
