@@ -6,12 +6,5 @@
 #   bash tools/run_example.sh --workflow example_workflows/astar_vs_plain.json
 # With your own ComfyUI: COMFYUI_ROOT=/path/to/ComfyUI ASTAR_PYTHON=/path/to/its/python bash tools/run_example.sh
 set -euo pipefail
-PACK_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-ASTAR_HOME="${ASTAR_HOME:-$HOME/.cache/astar-comfyui}"
-if [ -z "${COMFYUI_ROOT:-}" ]; then
-  bash "$PACK_DIR/tools/setup.sh"
-  PY="$ASTAR_HOME/venv/bin/python"
-else
-  PY="${ASTAR_PYTHON:-python3}"
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/host_python.sh"
 exec "$PY" "$PACK_DIR/tools/run_example.py" --skip-setup "$@"
