@@ -33,7 +33,8 @@ def load(name: str) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def object_info(server):
+def object_info(server, test_models):
+    """Read after the test models exist: /object_info lists the model files as combo options."""
     return server.get("/object_info")
 
 
