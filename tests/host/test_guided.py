@@ -160,8 +160,7 @@ def test_euler_equals_a_reference_loop(host, mini_ckpt):
 
 @pytest.mark.sdxl
 def test_sdxl_concepts_map_through_both_encoders_and_a_guided_step_lowers_the_loss(host):
-    import comfy.sample
-    from support.models import build_sdxl_model, sdxl_conditioning, sdxl_tokenizer
+    from support.models import build_sdxl_model, sdxl_tokenizer
     prompt = hosts.pack_module("nodes.prompt")
     sampler = hosts.pack_module("nodes.sampler")
     tokens_mod = hosts.pack_module("attention.tokens")
@@ -175,6 +174,19 @@ def test_sdxl_concepts_map_through_both_encoders_and_a_guided_step_lowers_the_lo
         pt.locate(tokens_mod.parse_concepts("dog"))
 
     model = build_sdxl_model(seed=0)
+    try:
+        _guided_sdxl_step(sampler, prompt, pt, model)
+    finally:  # 5 GB: free it for the rest of the session
+        import gc
+        import comfy.model_management
+        del model
+        comfy.model_management.unload_all_models()
+        gc.collect()
+
+
+def _guided_sdxl_step(sampler, prompt, pt, model):
+    import comfy.sample
+    from support.models import sdxl_conditioning
     positive = sdxl_conditioning(batch=1, seed=1, width=128, height=128)
     positive[0][1][prompt.PROMPT_KEY] = pt
     negative = sdxl_conditioning(batch=1, seed=2, width=128, height=128)
@@ -190,4 +202,3 @@ def test_sdxl_concepts_map_through_both_encoders_and_a_guided_step_lowers_the_lo
     assert len(rec.layers) == 60  # 10 transformer blocks each at 1/32 of the image side
     trace = rec.steps[0].trace
     assert (trace[1] < trace[0]).all(), trace.tolist()
-    del model, patched
