@@ -1,0 +1,104 @@
+"""The lean guidance pass (attention/capture.py GuidancePasses): the UNet forward stops right after the
+last recorded cross-attention layer, and loss, gradient and sampled latent stay exactly those of the
+full pass. Through the real executor (inference mode, checkpoint-loaded weights), mini and exact SD1.5."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from support import host as hosts
+from support.graphs import sd15_graph
+
+# Layers read at each test's resolution, in the order the UNet runs them; the pass stops after the last.
+EXPECTED_LAYERS = {
+    # mini (two levels) at 1/16 = latent/2: input 3, middle, output 0 and 1; output 2, 3 and out skipped
+    "mini": (("input", 3, 0), ("middle", 0, 0), ("output", 0, 0), ("output", 1, 0)),
+    # SD1.5 at 1/32 = latent/4: input 7, 8 and output 3, 4, 5; output 6-11 and out skipped
+    "full": (("input", 7, 0), ("input", 8, 0), ("output", 3, 0), ("output", 4, 0), ("output", 5, 0)),
+}
+SETTINGS = {"mini": {"size": 64, "resolution": "1/16"}, "full": {"size": 128, "resolution": "1/32"}}
+
+
+def run_sampler(host, ckpt, **kw):
+    g = sd15_graph(ckpt, decode=False, **kw)
+    g["out"] = {"class_type": "PreviewAny", "inputs": {"source": ["sampler", 0]}}
+    return host.run(g)["sampler"]
+
+
+@pytest.fixture
+def spies(monkeypatch):
+    """Records every GuidancePasses of the runs, and at each guided step the loss and gradient w.r.t.
+    the latent of a full pass and of a lean pass from the same latent (then guides as usual)."""
+    guided = hosts.pack_module("nodes.guided")
+    capture = hosts.pack_module("attention.capture")
+    guidance = hosts.pack_module("attention.guidance")
+    passes, steps = [], []
+
+    class Passes(capture.GuidancePasses):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            passes.append(self)
+
+    real_guided_step = guided.guided_step
+
+    def loss_and_grad(z, maps_fn, prev_masks, config, lean):
+        monkeypatch.setattr(capture.GuidancePasses, "enabled", lean)
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                leaf = z.detach().clone().requires_grad_(True)
+                maps = maps_fn(leaf)
+                loss = guidance.guidance_losses(maps, prev_masks, config)["total"]
+                (grad,) = torch.autograd.grad(loss.sum(), leaf)
+            return loss.detach(), grad, passes[-1].lean_passes
+        finally:
+            monkeypatch.setattr(capture.GuidancePasses, "enabled", True)
+
+    def spy(z, maps_fn, step_index, step_size, prev_masks, config, **kw):
+        full = loss_and_grad(z, maps_fn, prev_masks, config, lean=False)
+        lean = loss_and_grad(z, maps_fn, prev_masks, config, lean=True)
+        steps.append({"step": step_index, "full": full, "lean": lean})
+        return real_guided_step(z, maps_fn, step_index, step_size, prev_masks, config, **kw)
+
+    monkeypatch.setattr(guided, "GuidancePasses", Passes)
+    monkeypatch.setattr(guided, "guided_step", spy)
+    return passes, steps
+
+
+@pytest.mark.parametrize("which", ["mini", "full"])
+def test_truncated_pass_is_exact(host, request, spies, which):
+    ckpt = request.getfixturevalue(f"{which}_ckpt")
+    passes, steps = spies
+    kw = dict(SETTINGS[which], steps=3, guided_steps=2, seed=3, batch=2, step_size=20.0)
+    for mode in ("astar", "attend_excite"):
+        passes.clear(), steps.clear()
+        run_sampler(host, ckpt, mode=mode, **kw)
+        (run,) = passes
+        assert run.layers == EXPECTED_LAYERS[which], run.layers
+        assert len(steps) == 2 and [s["step"] for s in steps] == [0, 1]
+        for s in steps:
+            (loss_f, grad_f, lean_before), (loss_l, grad_l, lean_after) = s["full"], s["lean"]
+            assert lean_after == lean_before + 1, "the truncated pass did not stop early"
+            assert torch.isfinite(grad_f).all() and grad_f.abs().max() > 0
+            # Same subgraph, same kernels: bitwise equal in practice; 1e-6 is the contract.
+            torch.testing.assert_close(loss_l, loss_f, rtol=0, atol=1e-6)
+            torch.testing.assert_close(grad_l, grad_f, rtol=0, atol=1e-6)
+        # The sampler's own passes: step 0 learned nothing new (the spy's full pass taught the layers),
+        # so every real guidance pass was lean.
+        assert run.full_passes == 2 and run.lean_passes == 4, (run.full_passes, run.lean_passes)
+
+
+@pytest.mark.parametrize("which", ["mini", "full"])
+def test_truncation_leaves_the_sampled_latent_unchanged(host, request, monkeypatch, which):
+    """End to end: the same graph with every guidance pass in full and with lean passes (refinement on,
+    so several passes per step) gives the same latent and the same loss trace."""
+    ckpt = request.getfixturevalue(f"{which}_ckpt")
+    capture = hosts.pack_module("attention.capture")
+    kw = dict(SETTINGS[which], steps=3, guided_steps=2, seed=5, refine=True, refine_thresholds="0:1.0",
+              max_refine_iters=2)
+    monkeypatch.setattr(capture.GuidancePasses, "enabled", False)
+    full_latent, full_rec = run_sampler(host, ckpt, **kw)
+    monkeypatch.setattr(capture.GuidancePasses, "enabled", True)
+    lean_latent, lean_rec = run_sampler(host, ckpt, **kw)
+    assert torch.equal(lean_latent["samples"], full_latent["samples"])
+    assert [s.trace.tolist() for s in lean_rec.steps if s.trace is not None] == \
+        [s.trace.tolist() for s in full_rec.steps if s.trace is not None]
