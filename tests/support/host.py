@@ -130,7 +130,8 @@ def free_port() -> int:
 
 
 class ServerHost:
-    """`python main.py --cpu` on a free loopback port, or an existing server named by COMFYUI_URL."""
+    """`python main.py --cpu --fp16-unet` on a free loopback port, or an existing server named by
+    COMFYUI_URL."""
 
     def __init__(self, work: Path, python: str = sys.executable):
         self.proc = None
@@ -146,7 +147,11 @@ class ServerHost:
             (base / sub).mkdir(parents=True, exist_ok=True)
         cmd = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
                "--base-directory", str(base), "--extra-model-paths-config", str(extra_paths_yaml(work)),
-               "--disable-api-nodes", "--database-url", "sqlite:///:memory:", "--disable-auto-launch"]
+               "--disable-api-nodes", "--database-url", "sqlite:///:memory:", "--disable-auto-launch",
+               # UNet weights kept in fp16 as on a GPU (on CPU ComfyUI computes in fp32 through its
+               # manual-cast ops): the SDXL example's model then holds ~7 GB, not ~14 GB. The
+               # in-process host keeps ComfyUI's CPU default (fp32), so both paths are tested.
+               "--fp16-unet"]
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=str(comfy_root()), stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)

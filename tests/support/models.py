@@ -10,8 +10,10 @@ ComfyUI's own module classes (``comfy.supported_models``, ``comfy.model_base``, 
   (latent and latent/2) that ComfyUI still detects as SD15.
 * ``build_sd15_lora``: a kohya-format LoRA ("lora_unet_<diffusers name>", "lora_te_...") for it.
 * ``build_sd15_controlnet``: a ControlNet in the ControlNet-1.x ("control_model.") format.
-* ``build_sdxl_model``: the exact SDXL base UNet, built in memory (no 6.5 GB file) as a ModelPatcher,
+* ``build_sdxl_model``: the exact SDXL base UNet, built in memory (no file) as a ModelPatcher,
   plus ``sdxl_tokenizer`` and ``sdxl_conditioning`` (random CONDITIONING, no text encoders).
+* ``build_sdxl_checkpoint``: a whole SDXL base checkpoint file (6.9 GB fp16), written tensor by
+  tensor, for the server (the SDXL example workflow).
 * ``prepare_comfy_import``: puts a ComfyUI root on ``sys.path`` and forces CPU mode.
 
 Determinism: every tensor is drawn from its own generator seeded with (seed, tensor name), in
@@ -455,6 +457,86 @@ def build_sdxl_model(seed: int = 0, dtype: torch.dtype = torch.float16):
                                             offload_device=mm.unet_offload_device())
 
 
+_SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64"}
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def build_sdxl_checkpoint(path: PathLike, seed: int = 0) -> Path:
+    """Write (or reuse) a random-weight SDXL base checkpoint: UNet + CLIP-L + CLIP-G + VAE, fp16.
+
+    Keys are those ComfyUI's checkpoint saver writes for SDXL (model.diffusion_model.*,
+    conditioner.embedders.0.* for CLIP-L, conditioner.embedders.1.model.* for CLIP-G in the
+    OpenCLIP layout, first_stage_model.*), from SDXL.state_dict_for_saving. The file is 6.9 GB, so
+    the UNet (2.6B parameters) is built on the 'meta' device and its tensors are drawn and written
+    one at a time (safetensors layout written directly: header, then the data in header order);
+    peak memory is the text encoders and VAE (about 1.8 GB). The UNet's values are those of
+    ``build_sdxl_model(seed)``: same names, same generators, same rule.
+    """
+    import json as _json
+    path = Path(path)
+    if path.exists():
+        return path
+    _ensure_comfy()
+    import comfy.ldm.models.autoencoder
+    import comfy.model_detection
+    import comfy.supported_models
+
+    cpu, meta, fp16 = torch.device("cpu"), torch.device("meta"), torch.float16
+    mc = comfy.model_detection.model_config_from_unet_config(dict(_SDXL_UNET_CONFIG))
+    if type(mc) is not comfy.supported_models.SDXL:
+        raise RuntimeError(f"ComfyUI does not detect the SDXL config as SDXL: {type(mc).__name__}")
+    mc.set_inference_dtype(fp16, None)
+    model = mc.get_model({}, device=meta)
+    unet = model.diffusion_model
+    te = mc.clip_target().clip(device=cpu, dtype=fp16, model_options={})  # sdxl_clip.SDXLClipModel
+    _fill_random_(te, seed, "sdxl-clip")
+    vae = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=dict(_SD_VAE_DDCONFIG), embed_dim=4).to(fp16)
+    _fill_random_(vae, seed, "sdxl-vae")
+    sd = model.state_dict_for_saving(te.state_dict(), vae.state_dict())
+    del te, vae
+
+    unet_prefix = "model.diffusion_model."
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for key, t in sd.items():
+        if t.device.type == "meta" and not key.startswith(unet_prefix):
+            raise RuntimeError(f"unexpected meta tensor outside the UNet: {key}")
+        if t.dtype not in _SAFETENSORS_DTYPES:
+            raise RuntimeError(f"{key}: dtype {t.dtype} not handled")
+        size = t.numel() * t.element_size()
+        header[key] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                       "data_offsets": [offset, offset + size]}
+        offset += size
+    head = _json.dumps(header, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+
+    norm_modules = {name for name, mod in unet.named_modules() if isinstance(mod, _NORM_TYPES)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(len(head).to_bytes(8, "little"))
+            f.write(head)
+            for key, t in sd.items():
+                if t.device.type == "meta":  # a UNet parameter: drawn as _fill_random_ draws it
+                    mname, _, pname = key[len(unet_prefix):].rpartition(".")
+                    t = torch.empty(t.shape, dtype=fp16)
+                    if mname in norm_modules and pname == "weight":
+                        t.fill_(1.0)
+                    else:
+                        gen = torch.Generator().manual_seed(_tensor_seed(seed, f"sdxl-unet/{mname}.{pname}"))
+                        _normal_(t, 1.0 / math.sqrt(t[0].numel()) if t.dim() >= 2 else _BIAS_STD, gen)
+                f.write(_tensor_bytes(t))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
 def sdxl_tokenizer():
     """ComfyUI's SDXL tokenizer (clip_g + clip_l); ``.tokenize_with_weights(text)`` gives {"g", "l"}."""
     _ensure_comfy()
@@ -485,5 +567,5 @@ __all__ = [
     "DEFAULT_COMFYUI_ROOT", "DEFAULT_MODEL_CACHE", "FACTORY_VERSION", "LAYOUTS",
     "prepare_comfy_import", "cache_path", "sd15_unet_config",
     "build_sd15_checkpoint", "build_sd15_lora", "lora_key_count", "build_sd15_controlnet",
-    "build_sdxl_model", "sdxl_tokenizer", "sdxl_conditioning", "sd15_conditioning",
+    "build_sdxl_model", "build_sdxl_checkpoint", "sdxl_tokenizer", "sdxl_conditioning", "sd15_conditioning",
 ]
