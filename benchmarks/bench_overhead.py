@@ -1,13 +1,17 @@
 """Overhead of A-STAR guidance against plain sampling, beside Attend-and-Excite (ours and diffusers').
 
-One run times, at equal settings (exact SD1.5 layout with random weights, same prompt, seed, cfg,
-steps, guided steps, no refinement), with interleaved repetitions:
+One run times, at equal settings (exact SD1.5 or SDXL-base layout with random weights, same prompt,
+seed, cfg, steps, guided steps, no refinement), with interleaved repetitions:
 
   comfy_plain   stock KSampler                               } ComfyUI graphs run by the real
   comfy_astar   A-STAR KSampler, mode astar                  } executor (tests/support/host.py
   comfy_ae      A-STAR KSampler, mode attend_excite          } InProcessHost, inference mode)
   diffusers_plain  diffusers StableDiffusionPipeline                     } the peer: random-weight
   diffusers_ae     diffusers StableDiffusionAttendAndExcitePipeline      } SD1.5-config models
+
+diffusers has no Attend-and-Excite pipeline for SDXL, so --model sdxl times the ComfyUI configurations
+alone. SDXL's UNet weights are stored in fp16 (ComfyUI's --fp16-unet; its default on a GPU), which on
+CPU keeps the loaded model at about 8 GB instead of 14 GB.
 
 Every timed run is its own fresh subprocess, so wall time, CPU time and peak memory of one
 configuration never include another's. In each: load the model (not timed), an identical warm-up
@@ -23,6 +27,7 @@ after the last recorded layer), and whether their gradients are bitwise equal.
   python benchmarks/bench_overhead.py                       # CPU: 50 steps, 25 guided, 256 px
   python benchmarks/bench_overhead.py --steps 4 --guided 2 --size 64 --reps 1 --name smoke
   python benchmarks/bench_overhead.py --device cuda         # GPU: 512 px
+  python benchmarks/bench_overhead.py --device cuda --model sdxl   # GPU: SDXL base at 1024 px
 
 Writes benchmarks/results/<name>.json and prints a table. diffusers is a benchmark-only extra:
 pip install -r benchmarks/requirements.txt into the ComfyUI venv (--configs without the
@@ -47,12 +52,15 @@ from pathlib import Path
 PACK_DIR = Path(__file__).resolve().parents[1]
 TESTS_DIR = PACK_DIR / "tests"
 RESULTS_DIR = PACK_DIR / "benchmarks" / "results"
-CKPT = "astar-test-sd15-full.safetensors"  # the exact SD1.5 layout, random weights (tests/support/models.py)
+# Random-weight checkpoints of the exact layouts, built by tests/support/models.py.
+CKPTS = {"sd15": "astar-test-sd15-full.safetensors", "sdxl": "astar-test-sdxl.safetensors"}
+DEFAULT_SIZES = {("cpu", "sd15"): 256, ("cuda", "sd15"): 512, ("cpu", "sdxl"): 256, ("cuda", "sdxl"): 1024}
 PROMPT, NEGATIVE, CONCEPTS = "a cat and a frog", "", "cat, frog"
 CFG, SEED, STEP_SIZE = 7.5, 0, 20.0
 COMFY_CONFIGS = ("comfy_plain", "comfy_astar", "comfy_ae", "comfy_astar_untruncated")
 DIFFUSERS_CONFIGS = ("diffusers_plain", "diffusers_ae")
-DEFAULT_CONFIGS = ("comfy_plain", "comfy_astar", "comfy_ae", "diffusers_plain", "diffusers_ae")
+DEFAULT_CONFIGS = {"sd15": ("comfy_plain", "comfy_astar", "comfy_ae", "diffusers_plain", "diffusers_ae"),
+                   "sdxl": ("comfy_plain", "comfy_astar", "comfy_ae")}
 WARMUP_SIZE = 64
 
 
@@ -106,17 +114,17 @@ class Meter:
 # ComfyUI workers
 # ----------------------------------------------------------------------------------------------
 
-def _comfy_host(device: str, work: Path):
+def _comfy_host(a, work: Path):
     sys.path.insert(0, str(TESTS_DIR))
     from support import host as hosts
-    return hosts, hosts.InProcessHost(work, cpu=(device == "cpu"))
+    return hosts, hosts.InProcessHost(work, cpu=(a.device == "cpu"), fp16_unet=(a.model == "sdxl"))
 
 
-def _graph(kind: str, size: int, steps: int, guided: int, seed: int = SEED):
-    from support.graphs import sd15_graph
+def _graph(a, kind: str, size: int, steps: int, guided: int, seed: int = SEED):
+    from support.graphs import sd15_graph  # SD1.5 and SDXL graphs are the same nodes
     sampler = "KSampler" if kind == "comfy_plain" else "AStarKSampler"
     mode = "attend_excite" if kind == "comfy_ae" else "astar"
-    g = sd15_graph(CKPT, sampler=sampler, prompt=PROMPT, negative=NEGATIVE, concepts=CONCEPTS, size=size, steps=steps,
+    g = sd15_graph(CKPTS[a.model], sampler=sampler, prompt=PROMPT, negative=NEGATIVE, concepts=CONCEPTS, size=size, steps=steps,
                    seed=seed, cfg=CFG, sampler_name="euler", scheduler="normal", guided_steps=guided,
                    resolution="1/32", mode=mode, step_size=STEP_SIZE, decode=False, refine=False)
     g["out"] = {"class_type": "PreviewAny", "inputs": {"source": ["sampler", 0]}}
@@ -149,17 +157,17 @@ def _instrument(hosts):
 def comfy_worker(kind: str, a) -> dict:
     import torch
     with tempfile.TemporaryDirectory(prefix="astar-bench-") as tmp:
-        hosts, host = _comfy_host(a.device, Path(tmp))
+        hosts, host = _comfy_host(a, Path(tmp))
         stats = _instrument(hosts)
         if kind == "comfy_astar_untruncated":
             hosts.pack_module("attention.capture").GuidancePasses.enabled = False
         t = time.perf_counter()
-        host.run(_graph("comfy_astar", WARMUP_SIZE, 1, 1, seed=SEED + 1))  # loads everything; identical for every config
+        host.run(_graph(a, "comfy_astar", WARMUP_SIZE, 1, 1, seed=SEED + 1))  # loads everything; identical for every config
         warmup_s = time.perf_counter() - t
         first_safe = list(stats["autograd_safe"])
         stats["passes"].clear(), stats["autograd_safe"].clear()
         with Meter(a.device) as m:
-            host.run(_graph(kind, a.size, a.steps, a.guided))
+            host.run(_graph(a, kind, a.size, a.steps, a.guided))
         out = dict(m.result, warmup_s=warmup_s, torch_threads=torch.get_num_threads())
         out["autograd_safe_first_call"] = {"seconds": sum(s for s, _ in first_safe),
                                            "tensors_replaced": sum(n for _, n in first_safe)}
@@ -178,11 +186,11 @@ def components_worker(a) -> dict:
     """Inside one guidance step of a real run: forward / full pass / lean pass, interleaved reps."""
     import torch
     with tempfile.TemporaryDirectory(prefix="astar-bench-") as tmp:
-        hosts, host = _comfy_host(a.device, Path(tmp))
+        hosts, host = _comfy_host(a, Path(tmp))
         guided = hosts.pack_module("nodes.guided")
         capture = hosts.pack_module("attention.capture")
         guidance = hosts.pack_module("attention.guidance")
-        host.run(_graph("comfy_astar", WARMUP_SIZE, 1, 1, seed=SEED + 1))
+        host.run(_graph(a, "comfy_astar", WARMUP_SIZE, 1, 1, seed=SEED + 1))
         times = {"forward_cond_nograd": [], "guidance_pass_full": [], "guidance_pass_lean": []}
         grads = {}
         real_step = guided.guided_step
@@ -222,7 +230,7 @@ def components_worker(a) -> dict:
             return real_step(z, maps_fn, step_index, step_size, prev_masks, config, **kw)
 
         guided.guided_step = spy
-        host.run(_graph("comfy_astar", a.size, 1, 1))
+        host.run(_graph(a, "comfy_astar", a.size, 1, 1))
         med = {k: statistics.median(v) for k, v in times.items()}
         fwd = med["forward_cond_nograd"]
         return {"seconds": times, "median_s": med,
@@ -356,7 +364,7 @@ def machine(a) -> dict:
 def spawn(config: str, a, log) -> dict:
     with tempfile.NamedTemporaryFile("r", suffix=".json", delete=False) as f:
         path = f.name
-    cmd = [sys.executable, __file__, "--worker", config, "--worker-out", path, "--device", a.device,
+    cmd = [sys.executable, __file__, "--worker", config, "--worker-out", path, "--device", a.device, "--model", a.model,
            "--size", str(a.size), "--steps", str(a.steps), "--guided", str(a.guided),
            "--component-reps", str(a.component_reps)] + (["--threads", str(a.threads)] if a.threads else [])
     t = time.perf_counter()
@@ -432,20 +440,25 @@ def orchestrate(a) -> None:
     unknown = [c for c in configs if c not in COMFY_CONFIGS + DIFFUSERS_CONFIGS]
     if unknown:
         raise SystemExit(f"unknown configurations {unknown}; choose from {COMFY_CONFIGS + DIFFUSERS_CONFIGS}")
+    if a.model != "sd15" and any(c in DIFFUSERS_CONFIGS for c in configs):
+        raise SystemExit(f"the diffusers configurations are SD1.5 only (diffusers has no Attend-and-Excite "
+                         f"pipeline for {a.model}); drop them from --configs")
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     out_json = RESULTS_DIR / f"{a.name}.json"
     log_path = Path(a.log or (tempfile.gettempdir() + f"/bench_overhead-{a.name}.log"))
     info = machine(a)
     print(f"machine: {info}\nworker log: {log_path}", flush=True)
     with open(log_path, "a") as log:
-        subprocess.run([sys.executable, __file__, "--worker", "prepare", "--device", a.device,
+        subprocess.run([sys.executable, __file__, "--worker", "prepare", "--device", a.device, "--model", a.model,
                         "--with-diffusers", str(int(any(c in DIFFUSERS_CONFIGS for c in configs)))],
                        cwd=str(PACK_DIR), stdout=log, stderr=subprocess.STDOUT, check=True)
         components, runs, order, first_rep = None, {c: [] for c in configs}, [], 0
         if a.resume and out_json.exists():
             old = json.loads(out_json.read_text())
-            same = {k: old["settings"].get(k) for k in ("device", "size_px", "steps", "guided_steps")}
-            if same != {"device": a.device, "size_px": a.size, "steps": a.steps, "guided_steps": a.guided}:
+            same = {k: old["settings"].get(k, "sd15" if k == "model" else None)
+                    for k in ("device", "model", "size_px", "steps", "guided_steps")}
+            if same != {"device": a.device, "model": a.model, "size_px": a.size, "steps": a.steps,
+                        "guided_steps": a.guided}:
                 raise SystemExit(f"--resume: {out_json} has other settings {same}")
             components, order = old.get("components"), list(old["settings"]["order"])
             for c, rs in old["runs"].items():
@@ -470,10 +483,11 @@ def orchestrate(a) -> None:
                       f"load {res['loadavg_1min_start']:.1f}->{res['loadavg_1min_end']:.1f}", flush=True)
                 summary = summarize({c2: v for c2, v in runs.items() if v}, [c2 for c2 in configs if runs[c2]], a)
                 doc = {"benchmark": "bench_overhead", "machine": info,
-                       "settings": {"device": a.device, "size_px": a.size, "steps": a.steps, "guided_steps": a.guided,
+                       "settings": {"device": a.device, "model": a.model, "size_px": a.size, "steps": a.steps, "guided_steps": a.guided,
                                     "refinement": False, "cfg": CFG, "seed": SEED, "step_size": STEP_SIZE,
                                     "prompt": PROMPT, "concepts": CONCEPTS, "comfy_sampler": "euler/normal",
-                                    "comfy_attention_resolution": "1/32", "comfy_checkpoint": CKPT + " (exact SD1.5 layout, random weights)",
+                                    "comfy_attention_resolution": "1/32", "comfy_checkpoint": f"{CKPTS[a.model]} (exact {a.model} layout, random weights"
+                                                        + (", UNet weights fp16)" if a.model == "sdxl" else ")"),
                                     "diffusers_scheduler": "DDIM", "order": order,
                                     "threads_per_worker": a.threads or "torch default"},
                        "method": {"timing": "each configuration in its own fresh subprocess; model load and an identical "
@@ -493,13 +507,16 @@ def orchestrate(a) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--size", type=int, default=None, help="image side in px (default 256 on CPU, 512 on cuda)")
+    ap.add_argument("--model", choices=list(CKPTS), default="sd15",
+                    help="sd15: exact SD1.5 layout (with the diffusers peer); sdxl: exact SDXL base layout")
+    ap.add_argument("--size", type=int, default=None,
+                    help="image side in px (default 256 on CPU; on cuda 512 for sd15, 1024 for sdxl)")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--guided", type=int, default=25)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--component-reps", type=int, default=3, help="reps of the in-step components run (0: skip it)")
-    ap.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS))
-    ap.add_argument("--name", default=None, help="results/<name>.json (default <device>-sd15-<size>px-<steps>steps)")
+    ap.add_argument("--configs", nargs="+", default=None, help="default: all of the model's configurations")
+    ap.add_argument("--name", default=None, help="results/<name>.json (default <device>-<model>-<size>px-<steps>steps)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch/OpenMP threads per worker (default: torch's). On a shared machine, 1 avoids "
                          "OpenMP threads spinning on cores other jobs hold; the same for every configuration")
@@ -510,8 +527,9 @@ def main(argv=None):
     ap.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--with-diffusers", default="1", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    a.size = a.size or (256 if a.device == "cpu" else 512)
-    a.name = a.name or f"{a.device}-sd15-{a.size}px-{a.steps}steps"
+    a.size = a.size or DEFAULT_SIZES[a.device, a.model]
+    a.name = a.name or f"{a.device}-{a.model}-{a.size}px-{a.steps}steps"
+    a.configs = a.configs or list(DEFAULT_CONFIGS[a.model])
     if a.worker is None:
         return orchestrate(a)
     if a.threads:
@@ -520,8 +538,12 @@ def main(argv=None):
     if a.worker == "prepare":
         sys.path.insert(0, str(TESTS_DIR))
         from support import host as hosts
-        from support.models import build_sd15_checkpoint
-        build_sd15_checkpoint(hosts.models_dir() / "checkpoints" / CKPT, layout="full", seed=0)
+        from support import models
+        path = hosts.models_dir() / "checkpoints" / CKPTS[a.model]
+        if a.model == "sdxl":
+            models.build_sdxl_checkpoint(path, seed=0)
+        else:
+            models.build_sd15_checkpoint(path, layout="full", seed=0)
         if a.with_diffusers == "1":
             build_diffusers_models(a)
         return

@@ -77,13 +77,16 @@ class _NoServer:
 class InProcessHost:
     """ComfyUI imported into the test process, with this pack loaded as a custom node."""
 
-    def __init__(self, work: Path, cpu: bool = True):
-        """cpu=False lets ComfyUI use its accelerator (benchmarks on a GPU machine); tests run on CPU."""
+    def __init__(self, work: Path, cpu: bool = True, fp16_unet: bool = False):
+        """cpu=False lets ComfyUI use its accelerator (benchmarks on a GPU machine); tests run on CPU.
+        fp16_unet: ComfyUI's --fp16-unet (UNet weights stored in fp16; an SDXL model then fits in
+        about half the memory on CPU)."""
         root = str(comfy_root())
         if root not in sys.path:
             sys.path.insert(0, root)
         import comfy.cli_args
         comfy.cli_args.args.cpu = cpu
+        comfy.cli_args.args.fp16_unet = fp16_unet
         comfy.cli_args.args.disable_api_nodes = True
         import utils.extra_config  # ComfyUI's utils package, before `nodes` shadows the name
         import folder_paths
