@@ -57,7 +57,9 @@ CKPTS = {"sd15": "astar-test-sd15-full.safetensors", "sdxl": "astar-test-sdxl.sa
 DEFAULT_SIZES = {("cpu", "sd15"): 256, ("cuda", "sd15"): 512, ("cpu", "sdxl"): 256, ("cuda", "sdxl"): 1024}
 PROMPT, NEGATIVE, CONCEPTS = "a cat and a frog", "", "cat, frog"
 CFG, SEED, STEP_SIZE = 7.5, 0, 20.0
-COMFY_CONFIGS = ("comfy_plain", "comfy_astar", "comfy_ae", "comfy_astar_untruncated")
+# Ablations: comfy_astar_untruncated runs every guidance pass in full; comfy_astar_keep_casts lets
+# autograd keep the per-forward weight casts of a manual-cast model (attention/saved_tensors.py).
+COMFY_CONFIGS = ("comfy_plain", "comfy_astar", "comfy_ae", "comfy_astar_untruncated", "comfy_astar_keep_casts")
 DIFFUSERS_CONFIGS = ("diffusers_plain", "diffusers_ae")
 DEFAULT_CONFIGS = {"sd15": ("comfy_plain", "comfy_astar", "comfy_ae", "diffusers_plain", "diffusers_ae"),
                    "sdxl": ("comfy_plain", "comfy_astar", "comfy_ae")}
@@ -132,9 +134,16 @@ def _graph(a, kind: str, size: int, steps: int, guided: int, seed: int = SEED):
 
 
 def _instrument(hosts):
-    """Counts guidance passes (full/lean) and times make_autograd_safe, without changing behaviour."""
+    """Counts guidance passes (full/lean), times make_autograd_safe and keeps each pass's saved-tensor
+    stats, without changing behaviour."""
     guided = hosts.pack_module("nodes.guided")
-    stats = {"passes": [], "autograd_safe": []}
+    stats = {"passes": [], "autograd_safe": [], "saved": []}
+    real_policy = guided.saved_tensor_policy
+
+    def policy(**kw):
+        p = real_policy(**kw)
+        stats["saved"].append(p)
+        return p
 
     class CountedPasses(guided.GuidancePasses):
         def __init__(self, *a, **k):
@@ -151,6 +160,7 @@ def _instrument(hosts):
 
     guided.GuidancePasses = CountedPasses
     guided.make_autograd_safe = timed_safe
+    guided.saved_tensor_policy = policy
     return stats
 
 
@@ -158,14 +168,18 @@ def comfy_worker(kind: str, a) -> dict:
     import torch
     with tempfile.TemporaryDirectory(prefix="astar-bench-") as tmp:
         hosts, host = _comfy_host(a, Path(tmp))
-        stats = _instrument(hosts)
         if kind == "comfy_astar_untruncated":
             hosts.pack_module("attention.capture").GuidancePasses.enabled = False
+        if kind == "comfy_astar_keep_casts":
+            guided, policy = hosts.pack_module("nodes.guided"), hosts.pack_module("attention.saved_tensors")
+            guided.saved_tensor_policy = lambda recast_weight_casts, copy_others: \
+                policy.saved_tensor_policy(False, copy_others)
+        stats = _instrument(hosts)
         t = time.perf_counter()
         host.run(_graph(a, "comfy_astar", WARMUP_SIZE, 1, 1, seed=SEED + 1))  # loads everything; identical for every config
         warmup_s = time.perf_counter() - t
         first_safe = list(stats["autograd_safe"])
-        stats["passes"].clear(), stats["autograd_safe"].clear()
+        stats["passes"].clear(), stats["autograd_safe"].clear(), stats["saved"].clear()
         with Meter(a.device) as m:
             host.run(_graph(a, kind, a.size, a.steps, a.guided))
         out = dict(m.result, warmup_s=warmup_s, torch_threads=torch.get_num_threads())
@@ -175,6 +189,11 @@ def comfy_worker(kind: str, a) -> dict:
             calls = stats["autograd_safe"]
             out["autograd_safe_later_calls"] = {"calls": len(calls), "total_s": sum(s for s, _ in calls),
                                                 "tensors_replaced": sum(n for _, n in calls)}
+        watched = [p.stats for p in stats["saved"] if p.recast_weight_casts]  # hooks only where weights are cast
+        if watched:
+            out["saved_tensors_per_pass"] = {"kept_mib_max": max(s.kept_bytes for s in watched) / 2 ** 20,
+                                             "recast_mib_max": max(s.recast_bytes for s in watched) / 2 ** 20,
+                                             "recast_weights_max": max(s.recast_count for s in watched)}
         if stats["passes"]:
             out["guidance_passes"] = {"full": sum(p.full_passes for p in stats["passes"]),
                                       "lean": sum(p.lean_passes for p in stats["passes"]),

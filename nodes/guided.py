@@ -10,7 +10,6 @@ noise is drawn from seed + segment index.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
@@ -22,6 +21,7 @@ from ..attention.capture import GuidancePasses, RunCapture
 from ..attention.guidance import GuidanceConfig, guided_step
 from ..attention.maps import resize_mask
 from ..attention.recording import AttentionRecording
+from ..attention.saved_tensors import saved_tensor_policy
 from ..attention.schedule import step_sizes
 from ..attention.tokens import ConceptSpec
 from .patch import CAPTURES_KEY, control_modules, make_autograd_safe
@@ -52,10 +52,9 @@ def _shifted(callback, offset):
     return lambda d: callback({**d, "i": d["i"] + offset})
 
 
-def _saved_copies():
-    """Autograd keeps its own copy of each tensor it saves. Needed with ControlNet: the UNet adds
-    control residuals in place (h += ctrl) to skip tensors the next layers have already saved."""
-    return torch.autograd.graph.saved_tensors_hooks(lambda t: t.detach().clone(), lambda t: t)
+def _casts_weights(module: torch.nn.Module) -> bool:
+    """Whether some layer casts its weight at every forward (ComfyUI's manual cast and lowvram offload)."""
+    return any(getattr(m, "comfy_cast_weights", False) for m in module.modules())
 
 
 class AStarSampling:
@@ -134,8 +133,13 @@ class AStarSampling:
             if denoise_mask is not None:
                 denoise_mask = denoise_mask.clone()
             # Ordinary copies of everything autograd will see (the inference-mode fix).
-            for module in [model, *control_modules(positive)]:
+            controls = control_modules(positive)
+            for module in [model, *controls]:
                 make_autograd_safe(module)
+            # ControlNet adds its residuals in place (h += ctrl) to tensors the next layers have saved,
+            # so autograd keeps copies of those; weights cast per forward are recast at backward.
+            policy = {"recast_weight_casts": any(_casts_weights(m) for m in [model, *controls]),
+                      "copy_others": bool(controls)}
             x = x.clone()
             sigma_b = sigma.clone().reshape(1).expand(x.shape[0])
             scale = 1.0 / model.model_sampling.calculate_input(sigma.clone(), torch.ones((), device=x.device, dtype=x.dtype))
@@ -149,7 +153,7 @@ class AStarSampling:
                 if denoise_mask is not None:
                     known = model.scale_latent_inpaint(x=x_in, sigma=sigma_b, noise=model_k.noise, latent_image=model_k.latent_image)
                     x_in = x_in * denoise_mask + known * (1.0 - denoise_mask)
-                with _saved_copies() if control_modules(positive) else contextlib.nullcontext():
+                with saved_tensor_policy(**policy):
                     passes.run(capture, lambda: comfy.samplers.calc_cond_batch(model, [positive], x_in, sigma_b, options))
                 try:
                     return capture.concept_maps(groups)

@@ -19,10 +19,15 @@ EXPECTED_LAYERS = {
 SETTINGS = {"mini": {"size": 64, "resolution": "1/16"}, "full": {"size": 128, "resolution": "1/32"}}
 
 
-def run_sampler(host, ckpt, **kw):
+def run_sampler(host, ckpt, unet_dtype=None, fresh=False, **kw):
+    """The sampler's outputs; fresh: every node runs again (no cached result). unet_dtype: load the UNet
+    with UNETLoader at that weight_dtype (e.g. fp8_e4m3fn), the rest from the checkpoint."""
     g = sd15_graph(ckpt, decode=False, **kw)
     g["out"] = {"class_type": "PreviewAny", "inputs": {"source": ["sampler", 0]}}
-    return host.run(g)["sampler"]
+    if unet_dtype:
+        g["unet"] = {"class_type": "UNETLoader", "inputs": {"unet_name": ckpt, "weight_dtype": unet_dtype}}
+        g["sampler"]["inputs"]["model"] = ["unet", 0]
+    return host.run(g, fresh=fresh)["sampler"]
 
 
 @pytest.fixture
@@ -96,9 +101,38 @@ def test_truncation_leaves_the_sampled_latent_unchanged(host, request, monkeypat
     kw = dict(SETTINGS[which], steps=3, guided_steps=2, seed=5, refine=True, refine_thresholds="0:1.0",
               max_refine_iters=2)
     monkeypatch.setattr(capture.GuidancePasses, "enabled", False)
-    full_latent, full_rec = run_sampler(host, ckpt, **kw)
+    full_latent, full_rec = run_sampler(host, ckpt, fresh=True, **kw)
     monkeypatch.setattr(capture.GuidancePasses, "enabled", True)
-    lean_latent, lean_rec = run_sampler(host, ckpt, **kw)
+    lean_latent, lean_rec = run_sampler(host, ckpt, fresh=True, **kw)  # not ComfyUI's cached result
     assert torch.equal(lean_latent["samples"], full_latent["samples"])
     assert [s.trace.tolist() for s in lean_rec.steps if s.trace is not None] == \
         [s.trace.tolist() for s in full_rec.steps if s.trace is not None]
+
+
+def test_cast_weights_are_recast_not_kept(host, mini_ckpt, monkeypatch):
+    """UNet weights stored in fp8 (UNETLoader's weight_dtype) are cast to the compute dtype at every
+    layer call (ComfyUI's manual cast; lowvram offloading casts the same way). The guidance pass hands
+    autograd those casts; it keeps references to the weights instead and casts again at backward, and
+    the sampled latent is bitwise that of keeping the copies."""
+    guided = hosts.pack_module("nodes.guided")
+    real_policy = guided.saved_tensor_policy
+    policies, keep_casts = [], [False]
+
+    def policy(recast_weight_casts, copy_others):
+        assert recast_weight_casts, "the fp8 model's weight casts were not detected"
+        p = real_policy(recast_weight_casts and not keep_casts[0], copy_others)
+        policies.append(p)
+        return p
+
+    monkeypatch.setattr(guided, "saved_tensor_policy", policy)
+    kw = dict(size=64, resolution="1/16", steps=3, guided_steps=2, seed=11, unet_dtype="fp8_e4m3fn")
+    recast_latent, _ = run_sampler(host, mini_ckpt, fresh=True, **kw)
+    recast = [p.stats for p in policies]
+    policies.clear(), keep_casts.__setitem__(0, True)
+    kept_latent, _ = run_sampler(host, mini_ckpt, fresh=True, **kw)
+    assert torch.equal(recast_latent["samples"], kept_latent["samples"])
+    assert len(recast) == 2  # one guidance pass per guided step
+    for stats in recast:
+        # fp32 casts of the weights of every layer up to the last read one; the activations kept at
+        # 64 px are far smaller than those weights
+        assert stats.recast_count > 50 and stats.recast_bytes > 4 * stats.kept_bytes, stats

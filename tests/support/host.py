@@ -53,6 +53,7 @@ def extra_paths_yaml(work: Path) -> Path:
         f"  checkpoints: {m / 'checkpoints'}\n"
         f"  loras: {m / 'loras'}\n"
         f"  controlnet: {m / 'controlnet'}\n"
+        f"  diffusion_models: {m / 'checkpoints'}\n"  # UNETLoader reads a checkpoint's UNet (fp8 tests)
         f"  embeddings: {m / 'embeddings'}\n")
     return y
 
@@ -107,8 +108,12 @@ class InProcessHost:
                                                  cache_args={"lru": 0, "ram": 0})
         self.pack = sys.modules[[m for m in sys.modules if m.endswith(PACK_MODULE)][0]]
 
-    def run(self, prompt: dict) -> dict:
-        """Validate and execute an API-format prompt; returns {node_id: outputs tuple} of every node."""
+    def run(self, prompt: dict, fresh: bool = False) -> dict:
+        """Validate and execute an API-format prompt; returns {node_id: outputs tuple} of every node.
+        ComfyUI serves an unchanged node from its cache; fresh=True empties the cache first, so every
+        node runs again (a test comparing two runs of one graph under different settings needs it)."""
+        if fresh:
+            self.executor.reset()
         pid = str(uuid.uuid4())
         valid = asyncio.run(self.execution.validate_prompt(pid, prompt, None))
         if not valid[0]:
