@@ -90,6 +90,24 @@ class _Recast:
         return t if self.view is None else t.as_strided(*self.view)
 
 
+class _Kept:
+    """A saved tensor kept as it is. Held detached: a pack hook that returns a saved *output* itself
+    makes a reference cycle through its grad_fn that outlives the graph wherever backward does not
+    reach (the lean pass leaves such branches), leaking it. Detached, autograd no longer checks its
+    version, so this does."""
+
+    __slots__ = ("data", "version")
+
+    def __init__(self, t: torch.Tensor):
+        self.data, self.version = t.detach(), t._version
+
+    def tensor(self) -> torch.Tensor:
+        if self.data._version != self.version:
+            raise RuntimeError("a tensor saved for the guidance gradient was modified in place after it was "
+                               "saved (by the model or by another node's patch); the gradient cannot be computed")
+        return self.data
+
+
 class saved_tensor_policy:  # noqa: N801 (used as a context manager, like torch's own contexts)
     """Context for a guidance pass's forward; `with saved_tensor_policy(...) as stats` gives the pass's
     SavedTensorStats (also at `.stats`), filled while it runs.
@@ -120,13 +138,13 @@ class saved_tensor_policy:  # noqa: N801 (used as a context manager, like torch'
                 stats.recast_bytes += base.numel() * base.element_size()
                 stats.recast_count += 1
                 return _Recast(*origin, cast=base, saved=t)
-            if copy_others:
-                t = t.detach().clone()
             stats.kept_bytes += t.numel() * t.element_size()
-            return t
+            if copy_others:
+                return t.detach().clone()
+            return _Kept(t)
 
         def unpack(saved):
-            return saved.tensor() if isinstance(saved, _Recast) else saved
+            return saved.tensor() if isinstance(saved, (_Recast, _Kept)) else saved
 
         self._stack = contextlib.ExitStack()
         if ledger is not None:

@@ -133,3 +133,31 @@ def test_no_policy_is_a_plain_context():
     with saved_tensor_policy(recast_weight_casts=False, copy_others=False) as stats:
         pass
     assert stats.kept_bytes == stats.recast_bytes == stats.recast_count == 0
+
+
+@pytest.mark.parametrize("recast_weight_casts,copy_others", [(True, False), (False, True), (True, True)])
+def test_branches_backward_does_not_reach_are_freed(recast_weight_casts, copy_others):
+    """The lean pass leaves graph branches that backward never visits. Their saved outputs must not
+    keep themselves alive (a pack hook returning the output itself would, through its grad_fn)."""
+    import gc
+    import weakref
+    leaf = torch.randn(3, 5).requires_grad_(True)
+    with saved_tensor_policy(recast_weight_casts, copy_others):
+        used = (leaf * 2.0).square().sum()
+        unused = torch.tanh(leaf * 3.0)  # saves its own output; nothing below uses it
+    freed = weakref.ref(unused)
+    torch.autograd.grad(used, leaf)
+    del unused
+    gc.collect()
+    assert freed() is None
+
+
+def test_a_saved_activation_changed_in_place_is_an_error():
+    """Without copies, a tensor modified after autograd saved it would silently give a wrong gradient."""
+    leaf = torch.randn(4).requires_grad_(True)
+    with saved_tensor_policy(recast_weight_casts=True, copy_others=False):
+        out = torch.tanh(leaf * 1.0)
+        loss = out.square().sum()  # saves out
+        out.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        torch.autograd.grad(loss, leaf)
