@@ -134,12 +134,12 @@ class AStarSampling:
                 denoise_mask = denoise_mask.clone()
             # Ordinary copies of everything autograd will see (the inference-mode fix).
             controls = control_modules(positive)
-            for module in [model, *controls]:
+            networks = [model, *controls]
+            for module in networks:
                 make_autograd_safe(module)
             # ControlNet adds its residuals in place (h += ctrl) to tensors the next layers have saved,
             # so autograd keeps copies of those; weights cast per forward are recast at backward.
-            policy = {"recast_weight_casts": any(_casts_weights(m) for m in [model, *controls]),
-                      "copy_others": bool(controls)}
+            policy = {"recast_weight_casts": any(_casts_weights(m) for m in networks), "copy_others": bool(controls)}
             x = x.clone()
             sigma_b = sigma.clone().reshape(1).expand(x.shape[0])
             scale = 1.0 / model.model_sampling.calculate_input(sigma.clone(), torch.ones((), device=x.device, dtype=x.dtype))

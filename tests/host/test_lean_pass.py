@@ -116,11 +116,11 @@ def test_cast_weights_are_recast_not_kept(host, mini_ckpt, monkeypatch):
     the sampled latent is bitwise that of keeping the copies."""
     guided = hosts.pack_module("nodes.guided")
     real_policy = guided.saved_tensor_policy
-    policies, keep_casts = [], [False]
+    policies, settings = [], {"keep_casts": False}
 
     def policy(recast_weight_casts, copy_others):
         assert recast_weight_casts, "the fp8 model's weight casts were not detected"
-        p = real_policy(recast_weight_casts and not keep_casts[0], copy_others)
+        p = real_policy(recast_weight_casts and not settings["keep_casts"], copy_others)
         policies.append(p)
         return p
 
@@ -128,7 +128,7 @@ def test_cast_weights_are_recast_not_kept(host, mini_ckpt, monkeypatch):
     kw = dict(size=64, resolution="1/16", steps=3, guided_steps=2, seed=11, unet_dtype="fp8_e4m3fn")
     recast_latent, _ = run_sampler(host, mini_ckpt, fresh=True, **kw)
     recast = [p.stats for p in policies]
-    policies.clear(), keep_casts.__setitem__(0, True)
+    settings["keep_casts"] = True
     kept_latent, _ = run_sampler(host, mini_ckpt, fresh=True, **kw)
     assert torch.equal(recast_latent["samples"], kept_latent["samples"])
     assert len(recast) == 2  # one guidance pass per guided step

@@ -157,8 +157,8 @@ class ServerHost:
                "--base-directory", str(base), "--extra-model-paths-config", str(extra_paths_yaml(work)),
                "--disable-api-nodes", "--database-url", "sqlite:///:memory:", "--disable-auto-launch",
                # UNet weights kept in fp16 as on a GPU (on CPU ComfyUI computes in fp32 through its
-               # manual-cast ops): the SDXL example's model then holds ~7 GB, not ~14 GB. The
-               # in-process host keeps ComfyUI's CPU default (fp32), so both paths are tested.
+               # manual-cast ops): an SDXL model then holds ~7 GB, not ~14 GB. The in-process host
+               # keeps ComfyUI's CPU default (fp32), so both weight paths are tested.
                "--fp16-unet"]
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=str(comfy_root()), stdout=self._log, stderr=subprocess.STDOUT,

@@ -225,6 +225,16 @@ _NORM_TYPES = tuple(t for t in (torch.nn.GroupNorm, torch.nn.LayerNorm, getattr(
 
 
 @torch.no_grad()
+def _fill_parameter_(t: torch.Tensor, seed: int, name: str, norm_weight: bool) -> None:
+    """The rule for one parameter: a norm layer's weight is 1; anything else N(0, 1/sqrt(fan-in)) for
+    matrices and kernels, N(0, _BIAS_STD) for vectors, from a generator seeded by (seed, name)."""
+    if norm_weight:
+        t.fill_(1.0)
+        return
+    gen = torch.Generator().manual_seed(_tensor_seed(seed, name))
+    _normal_(t, 1.0 / math.sqrt(t[0].numel()) if t.dim() >= 2 else _BIAS_STD, gen)
+
+
 def _fill_random_(module: torch.nn.Module, seed: int, tag: str) -> int:
     """Give every parameter of ``module`` finite seeded random values; returns the count filled."""
     count = 0
@@ -234,35 +244,33 @@ def _fill_random_(module: torch.nn.Module, seed: int, tag: str) -> int:
             if p.device.type == "meta":
                 raise ValueError("cannot fill meta tensors")
             count += p.numel()
-            if is_norm and pname == "weight":
-                p.fill_(1.0)
-                continue
-            gen = torch.Generator().manual_seed(_tensor_seed(seed, f"{tag}/{mname}.{pname}"))
-            if p.dim() >= 2:
-                std = 1.0 / math.sqrt(p[0].numel())
-            else:
-                std = _BIAS_STD
-            _normal_(p.data, std, gen)
+            _fill_parameter_(p.data, seed, f"{tag}/{mname}.{pname}", is_norm and pname == "weight")
     for name, b in module.named_buffers():
         if b.is_floating_point() and not torch.isfinite(b).all():
             raise RuntimeError(f"buffer {name} is not finite")
     return count
 
 
-def _atomic_save(sd: dict, path: Path) -> Path:
-    """Save a state dict as safetensors via a temporary file in the same folder, then rename."""
-    import comfy.utils
+def _atomic_write(path: Path, write) -> Path:
+    """write(tmp) into a temporary file in the same folder, then rename it to path (readable by all:
+    safetensors creates 0600 files and the cache may be shared)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        sd = {k: (v if v.is_contiguous() else v.contiguous()) for k, v in sd.items()}
-        comfy.utils.save_torch_file(sd, str(tmp))
-        os.chmod(tmp, 0o644)  # safetensors creates 0600 files; the cache may be shared
+        write(tmp)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _atomic_save(sd: dict, path: Path) -> Path:
+    """Save a state dict as safetensors via a temporary file in the same folder, then rename."""
+    import comfy.utils
+    sd = {k: (v if v.is_contiguous() else v.contiguous()) for k, v in sd.items()}
+    return _atomic_write(path, lambda tmp: comfy.utils.save_torch_file(sd, str(tmp)))
 
 
 def _sd15_model_config(layout: str):
@@ -513,9 +521,8 @@ def build_sdxl_checkpoint(path: PathLike, seed: int = 0) -> Path:
     head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
 
     norm_modules = {name for name, mod in unet.named_modules() if isinstance(mod, _NORM_TYPES)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+
+    def write(tmp):
         with open(tmp, "wb") as f:
             f.write(len(head).to_bytes(8, "little"))
             f.write(head)
@@ -523,18 +530,10 @@ def build_sdxl_checkpoint(path: PathLike, seed: int = 0) -> Path:
                 if t.device.type == "meta":  # a UNet parameter: drawn as _fill_random_ draws it
                     mname, _, pname = key[len(unet_prefix):].rpartition(".")
                     t = torch.empty(t.shape, dtype=fp16)
-                    if mname in norm_modules and pname == "weight":
-                        t.fill_(1.0)
-                    else:
-                        gen = torch.Generator().manual_seed(_tensor_seed(seed, f"sdxl-unet/{mname}.{pname}"))
-                        _normal_(t, 1.0 / math.sqrt(t[0].numel()) if t.dim() >= 2 else _BIAS_STD, gen)
+                    _fill_parameter_(t, seed, f"sdxl-unet/{mname}.{pname}", mname in norm_modules and pname == "weight")
                 f.write(_tensor_bytes(t))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+
+    return _atomic_write(path, write)
 
 
 def sdxl_tokenizer():
