@@ -11,11 +11,12 @@ from .maps import concept_maps, excluded_token_columns, fold_repeated_context, t
 from .recording import AttentionRecording, StepRecord
 
 
-class StopForward(Exception):
+class StopForward(BaseException):
     """Private control flow of the lean guidance pass: raised by the attention patch once every
     active collector is `complete`, caught by GuidancePasses.run. Nothing after the last recorded
     layer can change the guidance loss, so the rest of the UNet forward (and so its backward) is
-    never run. Never escapes a guidance pass."""
+    never run. Never escapes a guidance pass. A BaseException, so that a wrapper's
+    `except Exception` (an out-of-memory fallback, say) cannot swallow it."""
 
 
 class GuidanceCapture:
@@ -24,12 +25,15 @@ class GuidanceCapture:
 
     stop_after: the layer keys (in recording order) after which this pass may stop; None runs the
     whole UNet. uuids: the conditioning entries (ComfyUI cond uuids) that carry the prompt, None = all
-    cond entries. n_tokens: the prompt's token count, to fold a repeated context."""
+    cond entries. n_tokens: the conditioning's own context length, to fold a context ComfyUI repeated
+    to batch it with a longer one. excluded: token columns left out of the token softmax."""
 
-    def __init__(self, level: int, stop_after: tuple | None = None, uuids=None, n_tokens: int | None = None):
+    def __init__(self, level: int, stop_after: tuple | None = None, uuids=None, n_tokens: int | None = None,
+                 excluded: tuple[int, ...] | None = None):
         self.level = level  # downsample level of the layers to collect (2 = 1/32 of the image side)
         self.uuids = uuids
         self.n_tokens = n_tokens
+        self.excluded = excluded
         self.probs: list[torch.Tensor] = []  # each [B, h*w, T]
         self.keys: list = []  # layer key of each entry of probs
         self.size: tuple[int, int] | None = None
@@ -54,8 +58,13 @@ class GuidanceCapture:
         if not self.probs:
             raise LookupError("no cross-attention layer of the selected resolution ran")
         mean = torch.stack(self.probs).mean(0)
-        soft = token_softmax(mean, excluded_token_columns(mean.shape[-1]))
+        soft = token_softmax(mean, _excluded(self.excluded, mean.shape[-1]))
         return concept_maps(soft, token_groups, *self.size)
+
+
+def _excluded(excluded, n_tokens: int) -> tuple[int, ...]:
+    """The given columns, or A&E's default (each chunk's start token and the last column)."""
+    return tuple(excluded) if excluded is not None else excluded_token_columns(n_tokens)
 
 
 class GuidancePasses:
@@ -65,21 +74,22 @@ class GuidancePasses:
     it (SD1.5 at 1/32: output blocks 6-11 and the output convolution). Maps, loss and gradient are
     those of the full pass. A pass whose recorded layers differ from the learned ones (a patch that
     changes activation sizes at some steps, e.g. Deep Shrink) never completes, runs in full and is
-    learned from instead. full_passes and lean_passes count the passes of each kind."""
+    learned from instead. full_passes and lean_passes count the passes of each kind. lean=False runs
+    every pass in full."""
 
-    enabled = True  # class switch: False runs every pass in full (tests compare the two)
-
-    def __init__(self, level: int, uuids=None, n_tokens: int | None = None):
+    def __init__(self, level: int, uuids=None, n_tokens: int | None = None, excluded=None, lean: bool = True):
         self.level = level
         self.uuids = uuids
         self.n_tokens = n_tokens
+        self.excluded = excluded
+        self.lean = lean
         self.layers: tuple | None = None
         self.full_passes = 0
         self.lean_passes = 0
 
     def capture(self) -> GuidanceCapture:
-        return GuidanceCapture(self.level, stop_after=self.layers if self.enabled else None,
-                               uuids=self.uuids, n_tokens=self.n_tokens)
+        return GuidanceCapture(self.level, stop_after=self.layers if self.lean else None,
+                               uuids=self.uuids, n_tokens=self.n_tokens, excluded=self.excluded)
 
     def run(self, capture: GuidanceCapture, forward) -> None:
         """Run forward() (a UNet pass with `capture` active), stopped early once `capture` completes."""
@@ -93,18 +103,23 @@ class GuidancePasses:
 
 
 class RunCapture:
-    """Detached per-layer concept maps of the sampler's own passes, one set per denoising step.
+    """Concept maps of the sampler's own passes, one set per denoising step, kept on the model's
+    device during the run (no synchronisation per layer) and moved to the CPU once, by to_recording.
 
-    Only the first pass of a step is kept (second-order samplers evaluate a step twice)."""
+    Per step: the concept maps of each layer (token-softmaxed per layer), and the layers' mean
+    probabilities, from which to_recording makes the maps as the guidance loss sees them (mean over
+    layers, then token softmax, then smoothing). The wrapper records only a step's state evaluation."""
 
     def __init__(self, level: int, words: list[str], token_groups: list[list[int]], uuids=None,
-                 n_tokens: int | None = None):
+                 n_tokens: int | None = None, excluded: tuple[int, ...] | None = None):
         self.level = level
         self.uuids = uuids  # as in GuidanceCapture
         self.n_tokens = n_tokens
+        self.excluded = excluded
         self.words = list(words)
         self.token_groups = [list(g) for g in token_groups]
         self.steps: dict[int, dict] = {}  # step -> {layer key: [B, C, h, w]}
+        self.sums: dict[int, list] = {}  # step -> [sum of probs [B, h*w, T], number of layers, (h, w)]
         self.sigmas: dict[int, float] = {}
 
     def record(self, key, probs: torch.Tensor, size: tuple[int, int], step) -> None:
@@ -115,11 +130,25 @@ class RunCapture:
             return
         with torch.no_grad():
             probs = fold_repeated_context(probs.detach().float(), self.n_tokens)
-            soft = token_softmax(probs, excluded_token_columns(probs.shape[-1]))
-            layers[key] = concept_maps(soft, self.token_groups, *size).cpu()
+            soft = token_softmax(probs, _excluded(self.excluded, probs.shape[-1]))
+            layers[key] = concept_maps(soft, self.token_groups, *size)
+            total = self.sums.get(step)
+            if total is None or total[2] != size:
+                self.sums[step] = [probs.clone(), 1, size]
+            else:
+                total[0] += probs
+                total[1] += 1
 
-    def to_recording(self, guidance_log: dict[int, dict] | None = None) -> AttentionRecording:
-        """guidance_log: step -> {"losses": {name: [B]}, "iterations": int, "sigma": float}."""
+    def loss_view(self, step: int, smooth) -> torch.Tensor:
+        """[B, C, h, w] maps of the step as the loss sees them: layer mean, token softmax, smooth()."""
+        total, count, size = self.sums[step]
+        mean = total / count
+        return smooth(concept_maps(token_softmax(mean, _excluded(self.excluded, mean.shape[-1])),
+                                   self.token_groups, *size))
+
+    def to_recording(self, guidance_log: dict[int, dict] | None = None, smooth=lambda m: m) -> AttentionRecording:
+        """guidance_log: step -> {"losses": {name: [B]}, "iterations": int, "trace", "maps"}: a guided
+        step's maps as its guidance pass saw them (before its update). smooth: the loss's smoothing."""
         guidance_log = guidance_log or {}
         keys = sorted({k for layers in self.steps.values() for k in layers})
         rec = AttentionRecording(words=self.words, layers=keys)
@@ -128,9 +157,11 @@ class RunCapture:
             if set(layers) != set(keys):
                 continue  # a pass cut short (interrupt); keep only complete steps
             log = guidance_log.get(step, {})
+            seen = smooth(log["maps"]) if "maps" in log else self.loss_view(step, smooth)
             rec.steps.append(StepRecord(
                 step=step, sigma=float(self.sigmas.get(step, float("nan"))),
-                maps=torch.stack([layers[k] for k in keys]),
+                maps=torch.stack([layers[k] for k in keys]).cpu(),
+                loss_maps=seen.detach().float().cpu(),
                 losses={n: v.detach().float().cpu() for n, v in log.get("losses", {}).items()},
                 iterations=int(log.get("iterations", 0)),
                 trace=log["trace"].detach().float().cpu() if "trace" in log else None))

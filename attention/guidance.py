@@ -24,7 +24,7 @@ from .losses import (
     segregation_loss,
 )
 from .maps import gaussian_smooth, resize_mask
-from .schedule import AE_REFINEMENT_THRESHOLDS
+from .schedule import AE_REFINEMENT_POINTS
 
 GUIDANCE_MODES = ("astar", "attend_excite")
 LOSS_NAMES = ("segregation", "retention", "attend_excite", "total")
@@ -54,18 +54,18 @@ def _require_bool(name: str, value) -> None:
         raise ValueError(f"GuidanceConfig.{name} must be True or False, got {value!r}")
 
 
-def _frozen_thresholds(value) -> MappingProxyType:
-    """Validated, immutable copy of a {step: threshold} mapping."""
+def _frozen_points(value) -> MappingProxyType:
+    """Validated, immutable copy of a {fraction of the steps: threshold} mapping."""
     if not isinstance(value, Mapping):
-        raise ValueError(f"GuidanceConfig.thresholds must be a mapping step -> threshold, got {value!r}")
-    for step, threshold in value.items():
-        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
-            raise ValueError(f"GuidanceConfig.thresholds keys must be step indices >= 0, got {step!r}")
+        raise ValueError(f"GuidanceConfig.refine_points must be a mapping fraction -> threshold, got {value!r}")
+    for point, threshold in value.items():
+        if isinstance(point, bool) or not isinstance(point, numbers.Real) or not 0 <= point < 1:
+            raise ValueError(f"GuidanceConfig.refine_points keys must be fractions of the steps in [0, 1), got {point!r}")
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0 <= threshold <= 1:
             raise ValueError(
-                f"GuidanceConfig.thresholds values must be numbers in [0, 1], got {threshold!r} for step {step}"
+                f"GuidanceConfig.refine_points values must be numbers in [0, 1], got {threshold!r} at {point}"
             )
-    return MappingProxyType({int(s): float(t) for s, t in sorted(value.items())})
+    return MappingProxyType({float(p): float(t) for p, t in sorted(value.items())})
 
 
 @dataclass(frozen=True)
@@ -74,20 +74,23 @@ class GuidanceConfig:
 
     mode: "astar" (segregation + retention) or "attend_excite" (A&E's max-peak loss).
     segregation_weight, retention_weight: weights of A-STAR's two terms (paper: 1 and 1).
-    guided_steps: how many first denoising steps are guided (A&E: 25 of 50).
-    scale: step-size scale, alpha_t = scale * sqrt(linspace(1, 0.5)[t]) (A&E: 20).
-    refine: iterative refinement at the steps in thresholds, at most max_refine_iters gradient
-    steps each. binarization, fraction: how retention masks are made (see losses.binarize).
+    start, end: the guided steps, as fractions of the sampled steps: start*n <= i < end*n
+    (A&E: 0 and 0.5, its 25 of 50).
+    scale: step-size scale, alpha_i = scale * sqrt(linspace(1, 0.5, n)[i]) (A&E: 20).
+    refine: iterative refinement at refine_points ({fraction of the steps: threshold}; A&E's steps
+    0, 10, 20 of 50 are 0, 0.2, 0.4), at most max_refine_iters gradient steps each.
+    binarization, fraction: how retention masks are made (see losses.binarize).
     smooth: A&E's 3x3 Gaussian on the maps before every loss.
     """
 
     mode: str = "astar"
     segregation_weight: float = 1.0
     retention_weight: float = 1.0
-    guided_steps: int = 25
+    start: float = 0.0
+    end: float = 0.5
     scale: float = 20.0
     refine: bool = False
-    thresholds: Mapping[int, float] = field(default_factory=lambda: AE_REFINEMENT_THRESHOLDS)
+    refine_points: Mapping[float, float] = field(default_factory=lambda: AE_REFINEMENT_POINTS)
     max_refine_iters: int = 20
     binarization: str = "fraction"
     fraction: float = 0.5
@@ -97,17 +100,27 @@ class GuidanceConfig:
         _require_choice("mode", self.mode, GUIDANCE_MODES)
         _require_number("segregation_weight", self.segregation_weight, 0.0)
         _require_number("retention_weight", self.retention_weight, 0.0)
-        _require_count("guided_steps", self.guided_steps, 0)
+        _require_number("start", self.start, 0.0, 1.0)
+        _require_number("end", self.end, 0.0, 1.0)
+        if self.end < self.start:
+            raise ValueError(f"GuidanceConfig.end ({self.end}) is before start ({self.start}): "
+                             "the guided steps are start*steps <= i < end*steps")
         _require_number("scale", self.scale, 0.0)
         _require_bool("refine", self.refine)
         # A plain dict passed in is copied and frozen, so the config stays immutable.
-        object.__setattr__(self, "thresholds", _frozen_thresholds(self.thresholds))
+        object.__setattr__(self, "refine_points", _frozen_points(self.refine_points))
         _require_count("max_refine_iters", self.max_refine_iters, 0)
         _require_choice("binarization", self.binarization, BINARIZATION_METHODS)
         _require_number("fraction", self.fraction, 0.0, 1.0)
         if self.fraction == 0:
             raise ValueError("GuidanceConfig.fraction must be > 0 (0 would mark every pixel), got 0")
         _require_bool("smooth", self.smooth)
+
+    @property
+    def moves(self) -> bool:
+        """Whether a guided step can change the latent at all."""
+        nothing_to_minimise = self.mode == "astar" and not (self.segregation_weight or self.retention_weight)
+        return self.scale > 0 and not nothing_to_minimise
 
 
 def _smoothed(maps: torch.Tensor, config: GuidanceConfig) -> torch.Tensor:
@@ -236,12 +249,13 @@ def _descend(
 def guided_step(
     z: torch.Tensor,
     maps_fn: Callable[[torch.Tensor], torch.Tensor],
-    step_index: int,
     step_size: float,
     prev_masks: torch.Tensor | None,
     config: GuidanceConfig,
+    refine_threshold: float | None = None,
     layout_masks: Mapping[int, torch.Tensor] | None = None,
     check_interrupt: Callable[[], None] | None = None,
+    label: str = "this step",
 ) -> GuidedStep:
     """Guide the latent of one denoising step.
 
@@ -249,10 +263,14 @@ def guided_step(
     (token-softmaxed, unsmoothed). prev_masks: [B or 1, C, h', w'] from the previous step's
     GuidedStep.masks, or None. layout_masks: {concept index: [B or 1, h', w']} user masks that
     replace B_t for those concepts at every step. check_interrupt() is called before every forward
-    and may raise to stop. With config.refine and step_index in config.thresholds, first repeat
-    (forward, gradient step) on the samples whose refinement_measure is below the threshold, at most
-    config.max_refine_iters times; then one regular step on all samples.
-    Non-finite samples are left unchanged, flagged in skipped, and reported with warnings.warn.
+    and may raise to stop.
+
+    With refine_threshold (and config.refine), first A&E's iterative refinement on the samples whose
+    refinement_measure is below it: gradient steps while the measure *before* each step is below
+    the threshold (so one more step is taken after reaching it, as A&E's loop does), at most
+    config.max_refine_iters; then one regular step on all samples from a fresh forward.
+    Non-finite samples are left unchanged, flagged in skipped, and reported with warnings.warn
+    (label names the step).
     """
     if not (math.isfinite(step_size) and step_size >= 0):
         raise ValueError(f"step_size must be a finite number >= 0, got {step_size!r}")
@@ -261,25 +279,25 @@ def guided_step(
     with torch.inference_mode(False):
         if prev_masks is not None:
             prev_masks = prev_masks.clone()
-        return _guided_step(
-            z.clone(), maps_fn, step_index, step_size, prev_masks, config, layout_masks, check_interrupt
-        )
+        threshold = refine_threshold if config.refine else None
+        return _guided_step(z.clone(), maps_fn, step_size, prev_masks, config, threshold, layout_masks,
+                            check_interrupt, label)
 
 
 def _guided_step(
     start: torch.Tensor,
     maps_fn: Callable[[torch.Tensor], torch.Tensor],
-    step_index: int,
     step_size: float,
     prev_masks: torch.Tensor | None,
     config: GuidanceConfig,
+    threshold: float | None,
     layout_masks: Mapping[int, torch.Tensor] | None,
     check_interrupt: Callable[[], None] | None,
+    label: str,
 ) -> GuidedStep:
     """guided_step's body, run outside inference mode; start is a plain (non-inference) copy of z."""
     start = start.detach()
-    nothing_to_minimise = config.mode == "astar" and not (config.segregation_weight or config.retention_weight)
-    moves = step_size > 0 and not nothing_to_minimise
+    moves = step_size > 0 and config.moves
 
     def forward(latent: torch.Tensor):
         if check_interrupt is not None:
@@ -305,17 +323,19 @@ def _guided_step(
     latent = start
 
     if moves:
-        threshold = config.thresholds.get(step_index) if config.refine else None
-        while threshold is not None and iterations < config.max_refine_iters:
+        if threshold is not None:
             with torch.no_grad():
-                below = (refinement_measure(maps.detach(), config) < threshold) & ~skipped
-            if not below.any():
-                break
-            latent, bad = _descend(leaf, losses["total"], step_size, below)
-            skipped |= bad
-            iterations += 1
-            leaf, maps, losses = forward(latent)
-            trace.append(losses["total"].detach())
+                refining = (refinement_measure(maps.detach(), config) < threshold) & ~skipped
+            while refining.any() and iterations < config.max_refine_iters:
+                # A&E's loop tests the measure of the latent before each update: a sample stops after the
+                # update that follows the first latent reaching the threshold.
+                latent, bad = _descend(leaf, losses["total"], step_size, refining)
+                skipped |= bad
+                iterations += 1
+                with torch.no_grad():
+                    refining &= (refinement_measure(maps.detach(), config) < threshold) & ~skipped
+                leaf, maps, losses = forward(latent)
+                trace.append(losses["total"].detach())
         everyone = torch.ones_like(skipped)
         latent, bad = _descend(leaf, losses["total"], step_size, everyone)
         skipped |= bad
@@ -324,7 +344,7 @@ def _guided_step(
     if skipped.any():
         samples = skipped.nonzero().flatten().tolist()
         warnings.warn(
-            f"guidance at step {step_index}: non-finite loss or gradient for batch sample(s) {samples}; "
+            f"guidance at {label}: non-finite loss or gradient for batch sample(s) {samples}; "
             "their latent was left unguided at this step. Try a smaller scale or other attention layers.",
             RuntimeWarning,
             stacklevel=3,  # point at guided_step's caller

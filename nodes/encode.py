@@ -15,7 +15,7 @@ class AStarTextEncode(io.ComfyNode):
             category="sampling/astar",
             description="Encodes the positive prompt exactly like CLIP Text Encode, and remembers its "
                         "tokens so A-STAR nodes can find the concept words in it. Use it for the positive "
-                        "prompt of A-STAR KSampler, A-STAR Guider and A-STAR Attention Recorder.",
+                        "prompt of A-STAR Apply, A-STAR KSampler and A-STAR Attention Recorder.",
             inputs=[
                 io.Clip.Input("clip", tooltip="The CLIP model that encodes the prompt (SD1.x, SD2.x or SDXL)."),
                 io.String.Input("text", multiline=True, dynamic_prompts=True,

@@ -5,10 +5,11 @@ from comfy_api.latest import ComfyExtension, io
 
 from .encode import AStarTextEncode
 from .overlay import AttentionOverlay
-from .sampler import AStarAttentionRecorder, AStarGuider, AStarKSampler
+from .apply import AStarApply, AStarAttentionRecorder
+from .sampler import AStarKSampler
 
 
 class AStarExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [AStarTextEncode, AStarKSampler, AStarGuider, AStarAttentionRecorder, AttentionOverlay]
+        return [AStarTextEncode, AStarApply, AStarKSampler, AStarAttentionRecorder, AttentionOverlay]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..attention import overlay
+from . import overlay_drawing as overlay
 from .types import AttentionType
 
 _TIMELINE_CELL = 64  # pixels per step and concept in the timeline
@@ -59,6 +59,20 @@ def step_range(step_start: int, step_end: int, n_steps: int) -> tuple[int, int]:
     return s0, s1 + 1
 
 
+def pick_run(attention, run: int):
+    """The recording of one run: a sampler's own recording, or run `run` of a patched model's runs."""
+    if isinstance(attention, list):
+        if not attention:
+            raise ValueError("attention: no sampler has run with the A-STAR model yet. Connect its MODEL output "
+                             "to a sampler node; this node must execute after that sampler (give it the image "
+                             "decoded from that sampler's latent).")
+        if not -len(attention) <= run < len(attention):
+            raise ValueError(f"run {run} is out of range: the model recorded {len(attention)} run(s); use "
+                             f"0..{len(attention) - 1} or -1 for the latest.")
+        return attention[run]
+    return attention
+
+
 class AttentionOverlay(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -74,12 +88,16 @@ class AttentionOverlay(io.ComfyNode):
             inputs=[
                 AttentionType.Input(
                     "attention",
-                    tooltip="The attention recording of a sampling run (from the A-STAR sampler or the "
-                            "attention recorder). Run that sampler first; an empty recording is an error."),
+                    tooltip="The attention recorded by A-STAR KSampler, A-STAR Apply or the attention recorder. "
+                            "A patched model records every sampler run that uses it; 'run' picks one."),
                 io.Image.Input(
                     "image",
                     tooltip="The decoded image of the same run (batch equal to the recording's batch, "
                             "or a single image used for every sample)."),
+                io.Int.Input(
+                    "run", default=-1, min=-8, max=7,
+                    tooltip="Which run of the patched model to draw, in execution order: -1 = the latest, 0 = the "
+                            "first (the last 8 runs are kept). Two samplers sharing one A-STAR model make two runs."),
                 io.Int.Input(
                     "step_start", default=0, min=-10000, max=10000,
                     tooltip="First recorded step averaged into the heatmaps, combined and overlap "
@@ -92,9 +110,10 @@ class AttentionOverlay(io.ComfyNode):
                             "timeline always shows every step."),
                 io.String.Input(
                     "layers", default="",
-                    tooltip="Layers to average: empty = all recorded layers, else comma-separated "
-                            "indices into the recording's layer list, e.g. '0, 2' (negatives count "
-                            "from the end)."),
+                    tooltip="Which maps to draw: empty = the maps as the guidance loss sees them (mean over "
+                            "the selected layers, token softmax, smoothing; at guided steps those of the guidance "
+                            "pass); 'all' = the mean of every recorded layer's own maps; or comma-separated indices "
+                            "into the recording's layer list, e.g. '0, 2' (negatives count from the end)."),
                 io.Combo.Input(
                     "normalization", options=list(overlay.NORMALIZATIONS), default="per_concept",
                     tooltip="per_concept: each concept's map scaled to its own max (shows where, hides "
@@ -128,9 +147,13 @@ class AttentionOverlay(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, attention, image, step_start=0, step_end=-1, layers="", normalization="per_concept",
+    def execute(cls, attention, image, run=-1, step_start=0, step_end=-1, layers="", normalization="per_concept",
                 colormap="jet", opacity=0.5) -> io.NodeOutput:
-        rec = attention
+        rec = pick_run(attention, int(run))
+        if hasattr(rec, "loss_view") and not (layers or "").strip():
+            rec = rec.loss_view()
+        elif (layers or "").strip().lower() == "all":
+            layers = ""
         if rec is None or not hasattr(rec, "steps") or not hasattr(rec, "words"):
             raise ValueError(f"attention: expected an A-STAR attention recording, got {type(rec).__name__}. "
                              "Connect the 'attention' output of an A-STAR sampler or attention recorder.")

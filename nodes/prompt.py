@@ -5,6 +5,7 @@ ConditioningConcat/Combine/SetArea/ControlNet Apply copy the dict, so it travels
 """
 from __future__ import annotations
 
+from ..attention.maps import CLIP_CHUNK_TOKENS, excluded_token_columns
 from ..attention.tokens import ConceptSpec, locate_concepts
 
 PROMPT_KEY = "astar_prompt"
@@ -41,6 +42,28 @@ class PromptTokens:
         sub = _encoder_tokenizer(self.tokenizer, key)
         return lambda word: sub.tokenizer(word)["input_ids"][sub.tokens_start:-1]
 
+    def excluded_columns(self, context_tokens: int) -> tuple[int, ...]:
+        """Token columns the token softmax leaves out, for a context of context_tokens columns (the
+        conditioning's own length: longer than the prompt after ConditioningConcat): each 77-token
+        chunk's start and the last column (A&E), and, when every encoder pads with another token
+        than its end token (SD2.x's OpenCLIP pads with 0), each prompt chunk from its end token on
+        (A&E cuts SD 2.1's softmax there, so padding columns take no share of the attention)."""
+        columns = set(excluded_token_columns(context_tokens))
+        cuts = None
+        for key, ids in self.ids.items():
+            sub = _encoder_tokenizer(self.tokenizer, key)
+            end = getattr(sub, "end_token", None)
+            if end is None or getattr(sub, "pad_token", end) == end:
+                cuts = set()
+                break
+            cut = set()
+            for first in range(0, len(ids), CLIP_CHUNK_TOKENS):
+                chunk = ids[first:first + CLIP_CHUNK_TOKENS]
+                if end in chunk:
+                    cut |= set(range(first + chunk.index(end), first + len(chunk)))
+            cuts = cut if cuts is None else cuts & cut
+        return tuple(sorted(columns | {c for c in (cuts or ()) if c < context_tokens}))
+
     def locate(self, specs: list[ConceptSpec]) -> list[list[int]]:
         """Positions of each concept; every encoder must agree (SDXL's g and l do)."""
         found = {key: locate_concepts(ids, specs, self._word_ids(key), self._names(key))
@@ -63,3 +86,10 @@ def prompt_tokens_of(conditioning) -> PromptTokens:
         "the positive conditioning does not say which prompt it encodes, so concept words cannot "
         "be found: encode the positive prompt with 'A-STAR Text Encode' (a drop-in replacement "
         "for CLIP Text Encode) and connect it to 'positive'.")
+
+
+def context_tokens(entry) -> int | None:
+    """The context length of one sampler cond entry (its own, before ComfyUI repeats it for batching)."""
+    cross = (entry.get("model_conds") or {}).get("c_crossattn")
+    cond = getattr(cross, "cond", None)
+    return int(cond.shape[1]) if cond is not None and cond.dim() >= 2 else None

@@ -2,6 +2,22 @@
 from __future__ import annotations
 
 
+def window_end(guided_steps: int, steps: int) -> float:
+    """guidance_end that guides exactly the first `guided_steps` of `steps` (i < end * steps)."""
+    return min(1.0, (guided_steps + 0.5) / steps) if guided_steps else 0.0
+
+
+def guidance_settings(concepts="cat, frog", resolution="1/16", mode="astar", guided_steps=2, steps=3,
+                      step_size=20.0, **overrides):
+    """Every A-STAR guidance input (A-STAR Apply / KSampler), the first `guided_steps` steps guided."""
+    inputs = {"concepts": concepts, "attention_resolution": resolution, "mode": mode, "guidance_start": 0.0,
+              "guidance_end": window_end(guided_steps, steps), "step_size": step_size, "segregation_weight": 1.0,
+              "retention_weight": 1.0, "binarization": "fraction", "mask_fraction": 0.5, "smoothing": True,
+              "refine": "off", "refine_thresholds": "0:0.05, 0.2:0.5, 0.4:0.8", "max_refine_iters": 20}
+    inputs.update(overrides)
+    return inputs
+
+
 def sd15_graph(ckpt, *, sampler="AStarKSampler", prompt="a cat and a frog", negative="", concepts="cat, frog",
                size=64, batch=1, steps=3, seed=0, cfg=7.5, sampler_name="euler", scheduler="normal",
                guided_steps=2, resolution="1/16", mode="astar", step_size=20.0, decode=True, **guidance):
@@ -16,12 +32,7 @@ def sd15_graph(ckpt, *, sampler="AStarKSampler", prompt="a cat and a frog", nega
               "scheduler": scheduler, "positive": ["pos", 0], "negative": ["neg", 0],
               "latent_image": ["latent", 0], "denoise": 1.0}
     if sampler == "AStarKSampler":
-        common.update({"concepts": concepts, "attention_resolution": resolution, "mode": mode,
-                       "guided_steps": guided_steps, "step_size": step_size, "segregation_weight": 1.0,
-                       "retention_weight": 1.0, "binarization": "fraction", "mask_fraction": 0.5,
-                       "smoothing": True, "refine": False, "refine_thresholds": "0:0.05, 10:0.5, 20:0.8",
-                       "max_refine_iters": 20})
-        common.update(guidance)
+        common.update(guidance_settings(concepts, resolution, mode, guided_steps, steps, step_size, **guidance))
     g["sampler"] = {"class_type": sampler, "inputs": common}
     if decode:
         g["decode"] = {"class_type": "VAEDecode", "inputs": {"samples": ["sampler", 0], "vae": ["ckpt", 2]}}

@@ -1,4 +1,4 @@
-"""The cross-attention patch that feeds the collectors, and the inference-mode fix."""
+"""The cross-attention patch that feeds the collectors (attention/capture.py) from the UNet's layers."""
 from __future__ import annotations
 
 import torch
@@ -9,8 +9,10 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ..attention.capture import StopForward
 from ..attention.maps import downsample_level, head_mean_probs
 
-# transformer_options key: the collectors (attention/capture.py) active in the current forward pass.
+# transformer_options keys: the collectors (attention/capture.py) active in the current forward pass,
+# and the index of the sampler step that pass belongs to (set by the sampling wrapper).
 CAPTURES_KEY = "astar_captures"
+STEP_KEY = "astar_step"
 
 
 def require_cross_attention_unet(model_patcher) -> UNetModel:
@@ -37,17 +39,6 @@ def cross_attention_keys(model_patcher) -> list[tuple[str, int, int]]:
             if isinstance(layer, comfy_attention.SpatialTransformer):
                 keys += [(name, block_id, i) for i in range(len(layer.transformer_blocks))]
     return keys
-
-
-def step_of(extra_options) -> int | None:
-    """Index of the current sigma in the run's schedule (None when it is not one of them)."""
-    schedule = extra_options.get("sample_sigmas")
-    sigma = extra_options.get("sigmas")
-    if schedule is None or sigma is None:
-        return None
-    hits = torch.isclose(schedule.float().cpu(), sigma.detach().float().cpu().reshape(-1)[:1], rtol=1e-5, atol=0.0)
-    idx = torch.nonzero(hits)
-    return int(idx[0]) if len(idx) else None
 
 
 class AttentionCapturePatch:
@@ -91,7 +82,7 @@ class AttentionCapturePatch:
 
         block = extra_options.get("block")
         key = (block[0], block[1], extra_options.get("block_index", 0))
-        step = step_of(extra_options)
+        step = extra_options.get(STEP_KEY)
         for c in wanted:
             # the cond chunks of the entries that carry the prompt (not a Combine'd other prompt)
             picked = [j for j, kind in enumerate(chunks) if kind == 0 and
@@ -111,53 +102,3 @@ def add_capture_patches(model_patcher) -> None:
     for name, block_id, index in cross_attention_keys(model_patcher):
         previous = replaces.get((name, block_id, index)) or replaces.get((name, block_id))
         model_patcher.set_model_attn2_replace(AttentionCapturePatch(previous), name, block_id, index)
-
-
-def _ordinary(t: torch.Tensor) -> torch.Tensor:
-    """An ordinary (non-inference) tensor equal to inference tensor t. A plain strided tensor gets a
-    view of t's own memory (no copy: converting an SD1.5 UNet this way takes milliseconds instead of a
-    3.3 GB copy, and nothing is held twice); anything else (a tensor subclass, a quantized or sparse
-    tensor) is cloned."""
-    if type(t) in (torch.Tensor, torch.nn.Parameter) and t.layout == torch.strided and not t.is_quantized:
-        alias = torch.empty(0, dtype=t.dtype, device=t.device)
-        return alias.set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
-    return t.detach().clone()
-
-
-def make_autograd_safe(module: torch.nn.Module) -> int:
-    """The inference-mode fix: ComfyUI loads weights under torch.inference_mode, and autograd
-    refuses to save such tensors for backward. Replace each inference parameter/buffer by an equal
-    ordinary tensor on the same memory (see _ordinary; no second copy is held) and freeze every
-    parameter (no weight gradients). Returns how many tensors were replaced; a later call is a
-    walk over the module that replaces nothing unless ComfyUI has put inference weights back (a
-    reload, or LoRA patches restored)."""
-    replaced = 0
-    with torch.inference_mode(False):
-        for m in module.modules():
-            for name, p in list(m._parameters.items()):
-                if p is None:
-                    continue
-                if p.is_inference():
-                    m._parameters[name] = torch.nn.Parameter(_ordinary(p), requires_grad=False)
-                    replaced += 1
-                elif p.requires_grad:
-                    p.requires_grad_(False)
-            for name, b in list(m._buffers.items()):
-                if b is not None and b.is_inference():
-                    m._buffers[name] = _ordinary(b)
-                    replaced += 1
-    return replaced
-
-
-def control_modules(conds) -> list[torch.nn.Module]:
-    """ControlNet / T2I-Adapter networks attached to sampler conds (each may chain to previous ones)."""
-    found = []
-    for c in conds or []:
-        ctrl = c.get("control")
-        while ctrl is not None:
-            for attr in ("control_model", "t2i_model"):
-                mod = getattr(ctrl, attr, None)
-                if isinstance(mod, torch.nn.Module) and all(mod is not f for f in found):
-                    found.append(mod)
-            ctrl = getattr(ctrl, "previous_controlnet", None)
-    return found

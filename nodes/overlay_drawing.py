@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from .recording import AttentionRecording, StepRecord
+from ..attention.recording import AttentionRecording, StepRecord
 
 # Fixed qualitative palette (RGB 0..255), cycled for more than 10 concepts.
 _PALETTE = (

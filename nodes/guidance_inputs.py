@@ -1,0 +1,112 @@
+"""The guidance settings every A-STAR node shares (one widget list), and the model patch they make."""
+from __future__ import annotations
+
+import logging
+
+import comfy.patcher_extension
+from comfy_api.latest import io
+
+from ..attention.guidance import GuidanceConfig
+from ..attention.recording import RecordedRuns
+from ..attention.schedule import AE_REFINEMENT_POINTS, parse_thresholds
+from ..attention.tokens import parse_concepts
+from .attention_patch import add_capture_patches, cross_attention_keys
+from .prompt import prompt_tokens_of
+from .sampling_wrapper import WRAPPER_KEY, AStarSampling
+
+RESOLUTIONS = {"1/32": 2, "1/16": 1, "1/8": 0, "1/64": 3}  # of the image side -> UNet downsample level
+ORDER_NOTE = ("Patch order: apply attention-replacing patches (IPAdapter, NAG, ...) BEFORE this node; "
+              "A-STAR chains to them. A patch applied after it replaces A-STAR's at the same layers.")
+AE_THRESHOLDS_TEXT = ", ".join(f"{p:g}:{t:g}" for p, t in AE_REFINEMENT_POINTS.items())
+
+
+def concept_inputs():
+    return [
+        io.String.Input("concepts", default="cat, frog",
+                        tooltip="Words of the positive prompt to keep apart and retain, separated by commas "
+                                "(e.g. 'cat, frog' or 'teddy bear, red car'). Multi-token words are summed. "
+                                "The first occurrence is used; 'frog#2' picks the second."),
+        io.Combo.Input("attention_resolution", options=list(RESOLUTIONS), default="1/32",
+                       tooltip="Which cross-attention layers to read, by their size relative to the image side. "
+                               "1/32 is A&E's choice (SD1.5 at 512 px: 16x16, input 7-8 and output 3-5; SDXL: "
+                               "input 7-8, middle, output 0-2). Small UNets may only have 1/16."),
+    ]
+
+
+def guidance_inputs():
+    return concept_inputs() + [
+        io.Combo.Input("mode", options=["astar", "attend_excite"], default="astar",
+                       tooltip="astar: segregation + retention losses (A-STAR, ICCV 2023). attend_excite: the "
+                               "Attend-and-Excite loss (the weakest concept's peak attention), as published."),
+        io.Float.Input("guidance_start", default=0.0, min=0.0, max=1.0, step=0.01,
+                       tooltip="First guided step, as a fraction of the steps the sampler runs (0 = the first)."),
+        io.Float.Input("guidance_end", default=0.5, min=0.0, max=1.0, step=0.01,
+                       tooltip="Guided steps are start*steps <= i < end*steps of the steps the sampler runs "
+                               "(A&E: 0 to 0.5, its 25 of 50). With denoise < 1 the KSampler runs 'steps' "
+                               "steps, the last ones of a longer schedule; they are what is counted. "
+                               "0 = record only."),
+        io.Float.Input("step_size", default=20.0, min=0.0, max=1000.0, step=0.5,
+                       tooltip="Scale of the latent update; step i of n uses step_size * sqrt(linspace(1, 0.5, n)[i]) "
+                               "(A&E's schedule, default 20). 0 = the stock sampler's result, exactly."),
+        io.Float.Input("segregation_weight", default=1.0, min=0.0, max=100.0, step=0.05,
+                       tooltip="Weight of the segregation loss (less overlap between concepts' attention)."),
+        io.Float.Input("retention_weight", default=1.0, min=0.0, max=100.0, step=0.05,
+                       tooltip="Weight of the retention loss (each concept keeps the region it held at the "
+                               "previous step)."),
+        io.Combo.Input("binarization", options=["fraction", "otsu"], default="fraction",
+                       tooltip="How the retention mask is made from a map: fraction = pixels >= fraction x peak; "
+                               "otsu = Otsu's threshold."),
+        io.Float.Input("mask_fraction", default=0.5, min=0.01, max=1.0, step=0.01,
+                       tooltip="For binarization 'fraction': the share of the peak a pixel needs."),
+        io.Boolean.Input("smoothing", default=True,
+                         tooltip="Smooth maps with A&E's 3x3 Gaussian (sigma 0.5) before the losses."),
+        io.Combo.Input("refine", options=["auto", "on", "off"], default="auto",
+                       tooltip="Iterative refinement at the refinement points: repeat the update until the measure "
+                               "reaches the threshold or the cap (one UNet pass per iteration). auto = on for "
+                               "attend_excite (A&E always refines), off for astar (A-STAR's paper does not refine; "
+                               "with 'on' its measure is 1 - the mean pairwise overlap)."),
+        io.String.Input("refine_thresholds", default=AE_THRESHOLDS_TEXT,
+                        tooltip="fraction:threshold pairs; fractions of the sampled steps (A&E's steps 0, 10, 20 of 50 "
+                                "= 0, 0.2, 0.4). attend_excite: weakest concept peak >= threshold; astar: "
+                                "1 - mean pairwise overlap >= threshold."),
+        io.Int.Input("max_refine_iters", default=20, min=1, max=200, tooltip="Cap on refinement iterations per point."),
+        io.Mask.Input("layout_masks", optional=True,
+                      tooltip="Optional user layout (paper Fig. 12): mask n is where concept n should be; it "
+                              "replaces that concept's retention mask at every guided step. An all-zero mask "
+                              "leaves that concept free."),
+    ]
+
+
+def build_guidance(model, concepts, attention_resolution, positive=None, mode="astar", guidance_start=0.0,
+                   guidance_end=0.0, step_size=20.0, segregation_weight=1.0, retention_weight=1.0,
+                   binarization="fraction", mask_fraction=0.5, smoothing=True, refine="auto",
+                   refine_thresholds=AE_THRESHOLDS_TEXT, max_refine_iters=20, layout_masks=None, **kwargs):
+    """A patched clone of `model` and the list its sampler runs will append their recordings to.
+    Validates everything it can before any sampling."""
+    # The model first: with an SD3/Flux/video model the prompt comes from another encoder, and the
+    # model's type is the error to report, not the prompt's.
+    cross_attention_keys(model)  # clear error for models without UNet cross-attention
+    if model.get_wrappers(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY):
+        raise ValueError("A-STAR is already applied to this model (an A-STAR Apply, Recorder or KSampler before "
+                         "this node): apply it once, listing every concept in that one node.")
+    specs = parse_concepts(concepts)
+    config = GuidanceConfig(
+        mode=mode, segregation_weight=segregation_weight, retention_weight=retention_weight,
+        start=guidance_start, end=guidance_end, scale=step_size,
+        refine=refine == "on" or (refine == "auto" and mode == "attend_excite"),
+        refine_points=parse_thresholds(refine_thresholds), max_refine_iters=max_refine_iters,
+        binarization=binarization, fraction=mask_fraction, smooth=smoothing)
+    if layout_masks is not None and layout_masks.shape[0] > len(specs):
+        raise ValueError(f"{layout_masks.shape[0]} layout masks for {len(specs)} concepts: give one mask per "
+                         "concept, in the order of the concepts (an all-zero mask leaves a concept free)")
+    if positive is not None:
+        prompt_tokens_of(positive).locate(specs)  # fail now, before sampling, on a word not in the prompt
+    if mode == "astar" and len(specs) == 1 and guidance_end > guidance_start:
+        logging.warning("A-STAR: one concept ('%s'): no pair to segregate, guiding with retention only",
+                        specs[0].label)
+    runs = RecordedRuns()
+    patched = model.clone()
+    add_capture_patches(patched)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY,
+                                 AStarSampling(specs, config, RESOLUTIONS[attention_resolution], runs, layout_masks))
+    return patched, runs

@@ -1,0 +1,259 @@
+"""The sampling mechanism: a SAMPLER_SAMPLE wrapper under which the user's sampler runs once, over the
+whole schedule, and the latent it holds is updated in place at the start of each guided step.
+
+The sampler's function is given a model that, at the model call that evaluates a step's latent
+(sampler_steps.py says which), first takes the guidance step on that very tensor, then calls the
+real model. The sampler integrates every step itself, from the updated latent, keeping its history
+(multistep), its noise sampler (ancestral, SDE) and its second-order corrections: with step size 0
+the run is the stock run, bit for bit. The sampler object is never changed: a copy carries the
+wrapped function down the rest of ComfyUI's wrapper chain.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+
+import comfy.model_management
+import comfy.patcher_extension
+import comfy.samplers
+
+from ..attention.capture import GuidancePasses, RunCapture
+from ..attention.guidance import GuidanceConfig, guided_step
+from ..attention.maps import gaussian_smooth, resize_mask
+from ..attention.recording import AttentionRecording
+from ..attention.saved_tensors import saved_tensor_policy
+from ..attention.schedule import in_window, refinement_threshold, schedule_position, step_size_at
+from ..attention.tokens import ConceptSpec
+from .attention_patch import CAPTURES_KEY, STEP_KEY
+from .autograd_weights import casts_weights, control_modules, make_autograd_safe
+from .prompt import PROMPT_KEY, context_tokens, prompt_tokens_of
+from .sampler_steps import StepTracker, UNGUIDABLE, function_name, refuse_unguidable
+
+WRAPPER_KEY = "astar_guidance"
+
+
+def map_size(latent_hw, level):
+    """Spatial size of the UNet activations `level` downsamplings below the latent (stride-2, pad 1)."""
+    h, w = latent_hw
+    for _ in range(level):
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return h, w
+
+
+def _active(entries, sigma) -> bool:
+    """Whether any of the prompt's conditioning entries applies at this sigma (as ComfyUI decides
+    with ConditioningSetTimestepRange's timestep_start/timestep_end)."""
+    s = float(sigma)
+    return any(not ("timestep_start" in c and s > float(c["timestep_start"])) and
+               not ("timestep_end" in c and s < float(c["timestep_end"])) for c in entries)
+
+
+def guidable_sampler_names() -> list[str]:
+    names = {v for v in UNGUIDABLE.values()}
+    return [n for n in comfy.samplers.KSampler.SAMPLERS if n not in names]
+
+
+class AStarSampling:
+    """SAMPLER_SAMPLE wrapper. Holds the user's settings; everything about one run lives in that
+    run's call (a _GuidedRun). Each run appends its AttentionRecording to `recordings`."""
+
+    def __init__(self, specs: list[ConceptSpec], config: GuidanceConfig, level: int,
+                 recordings: list, layout_masks: torch.Tensor | None = None, lean: bool = True):
+        self.specs = specs
+        self.config = config
+        self.level = level
+        self.recordings = recordings
+        self.layout_masks = layout_masks  # [N, H, W], mask n for concept n
+        self.lean = lean
+
+    def __call__(self, executor, guider, sigmas, extra_args, callback, noise, *args, **kwargs):
+        sampler = executor.class_obj
+        if not hasattr(sampler, "sampler_function"):
+            raise ValueError(f"A-STAR works with ComfyUI's KSAMPLER samplers; got {type(sampler).__name__}")
+        name = function_name(sampler.sampler_function)
+        guiding = self.config.moves and self.config.end > self.config.start
+        if guiding:
+            refuse_unguidable(name, guidable_sampler_names())
+        run = _GuidedRun(self, guider, sigmas, extra_args, name)
+        own = copy.copy(sampler)  # the user's sampler object is shared: never change it
+        own.sampler_function = run.wrap(sampler.sampler_function)
+        rest = comfy.patcher_extension.WrapperExecutor.new_class_executor(
+            own.sample, own, executor.wrappers, idx=executor.idx + 1)
+        try:
+            return rest.execute(guider, sigmas, extra_args, callback, noise, *args, **kwargs)
+        finally:
+            self.recordings.append(run.recording())
+
+
+class _GuidedRun:
+    """One sampler run: finds each step's start, guides the steps in the window, records maps."""
+
+    def __init__(self, owner: AStarSampling, guider, sigmas, extra_args, sampler_name: str):
+        self.owner = owner
+        self.config = owner.config
+        self.guider = guider
+        self.sampler_name = sampler_name
+        self.sigmas = [float(s) for s in sigmas]
+        self.n_steps = len(self.sigmas) - 1
+        self.positive = guider.conds.get("positive")
+        prompt = prompt_tokens_of(self.positive)
+        self.groups = prompt.locate(owner.specs)
+        # Only the conditioning entries of this prompt are read (ConditioningCombine adds others).
+        self.entries = [c for c in self.positive if c.get(PROMPT_KEY) is prompt]
+        n_context = next((n for n in map(context_tokens, self.entries) if n), prompt.length)
+        source = {"uuids": frozenset(c["uuid"] for c in self.entries if "uuid" in c) or None,
+                  "n_tokens": n_context, "excluded": prompt.excluded_columns(n_context)}
+        self.capture = RunCapture(owner.level, [s.label for s in owner.specs], self.groups, **source)
+        self.passes = GuidancePasses(owner.level, lean=owner.lean, **source)
+        self.log: dict[int, dict] = {}
+        self.masks = None
+        self.previous_position = None
+        self.base_options = extra_args["model_options"]
+        self.tracker = StepTracker(sampler_name, self.sigmas)
+        self.guided_x: dict[int, torch.Tensor] = {}
+
+    # --- the sampler's side -------------------------------------------------------------------
+    def wrap(self, sampler_function):
+        def guided_sampler_function(model, x, sigmas, *args, extra_args=None, callback=None, **kwargs):
+            return sampler_function(_GuidedModel(model, self), x, sigmas, *args, extra_args=extra_args,
+                                    callback=self._callback(callback), **kwargs)
+        return guided_sampler_function
+
+    def _callback(self, callback):
+        def on_step(info, **kwargs):
+            step = info.get("i")
+            self.tracker.on_callback(step)
+            self._check_reported_latent(step, info.get("x"))
+            if callback is not None:
+                return callback(info, **kwargs)
+        return on_step
+
+    def _check_reported_latent(self, step, x) -> None:
+        """The sampler's report of step i must show the latent guided at step i (a sampler of another
+        pack whose calls A-STAR misreads gets a clear error instead of a silent wrong result)."""
+        guided = self.guided_x.pop(step, None)
+        if guided is None or not self.tracker.checks_callback_x or x is None:
+            return
+        if x is not guided:
+            raise RuntimeError(
+                f"A-STAR cannot tell where the steps of sampler '{self.sampler_name}' begin (step {step} was "
+                f"reported from another latent than the one guided). Use one of: "
+                f"{', '.join(guidable_sampler_names())}.")
+
+    def model_call(self, model, x, sigma, extra_args):
+        """What the sampler's model call does: guide first when it evaluates a step's latent."""
+        sigma0 = sigma.reshape(-1)[0]
+        sigma_value = float(sigma0)
+        step = self.tracker.on_call(sigma_value)
+        if step is None:
+            return model(x, sigma, **extra_args)
+        position = step if self.tracker.rule != "callback" else schedule_position(sigma_value, self.sigmas)
+        self.capture.sigmas[step] = sigma_value
+        if in_window(position, self.n_steps, self.config.start, self.config.end):
+            if _active(self.entries, sigma_value):
+                x_new = self._guide(model, x, sigma0, step, position, extra_args)
+                if x_new is not None:
+                    x.copy_(x_new)  # in place: the sampler continues from this very tensor
+                self.guided_x[step] = x
+            else:
+                logging.info("A-STAR: step %d: the prompt is inactive at this sigma (timestep range); "
+                             "guidance skipped", step)
+        options = extra_args.get("model_options", self.base_options)
+        transformer_options = {**options.get("transformer_options", {}), CAPTURES_KEY: [self.capture], STEP_KEY: step}
+        return model(x, sigma, **{**extra_args, "model_options": {**options, "transformer_options": transformer_options}})
+
+    # --- the guidance step --------------------------------------------------------------------
+    def _layout(self, latent_hw):
+        masks = self.owner.layout_masks
+        if masks is None:
+            return None
+        h, w = map_size(latent_hw, self.owner.level)
+        return {c: resize_mask(m, h, w) for c, m in enumerate(masks) if float(m.max()) > 0}
+
+    def _model_input(self, model_k, x, sigma, extra_args):
+        """The latent the model call sees: with a denoise mask, the sampler's latent composed with the
+        noised input latent, after any denoise_mask_function (Differential Diffusion), as ComfyUI's
+        KSamplerX0Inpaint composes it. Differentiable in x."""
+        mask = extra_args.get("denoise_mask")
+        if mask is None:
+            return x
+        options = extra_args.get("model_options", self.base_options)
+        if "denoise_mask_function" in options:
+            mask = options["denoise_mask_function"](sigma, mask, extra_options={"model": model_k.inner_model,
+                                                                                 "sigmas": model_k.sigmas})
+        mask = mask.clone()
+        model = self.guider.inner_model
+        known = model.scale_latent_inpaint(x=x.detach(), sigma=sigma, noise=model_k.noise.clone(),
+                                           latent_image=model_k.latent_image.clone())
+        return x * mask + known.detach() * (1.0 - mask)
+
+    def _guide(self, model_k, x, sigma, step, position, extra_args):
+        """One guided step on the sampler's latent x (ComfyUI's x); returns the updated latent, or None
+        when nothing moved (step size 0): the sampler's latent then stays bit for bit what it was."""
+        config = self.config
+        model = self.guider.inner_model
+        with torch.inference_mode(False):
+            controls = control_modules(self.positive)
+            networks = [model, *controls]
+            for module in networks:
+                make_autograd_safe(module)
+            # ControlNet adds its residuals in place (h += ctrl) to tensors the next layers have saved,
+            # so autograd keeps copies of those; weights cast per forward are recast at backward.
+            policy = {"recast_weight_casts": any(casts_weights(m) for m in networks), "copy_others": bool(controls)}
+            x = x.clone()
+            sigma = sigma.clone()  # 0-d
+            sigma_b = sigma.reshape(1).expand(x.shape[0])
+            scale = 1.0 / model.model_sampling.calculate_input(sigma, torch.ones((), device=x.device, dtype=x.dtype))
+            options = extra_args.get("model_options", self.base_options)
+            base_to = options.get("transformer_options", {})
+
+            def maps_fn(z):
+                capture = self.passes.capture()
+                pass_options = {**options, "transformer_options": {**base_to, CAPTURES_KEY: [capture], STEP_KEY: step}}
+                x_in = self._model_input(model_k, z * scale, sigma_b, extra_args)
+                with saved_tensor_policy(**policy):
+                    self.passes.run(capture, lambda: comfy.samplers.calc_cond_batch(
+                        model, [self.positive], x_in, sigma_b, pass_options))
+                try:
+                    return capture.concept_maps(self.groups)
+                except LookupError:
+                    raise ValueError(
+                        f"this UNet has no cross-attention layer at the chosen attention resolution "
+                        f"(1/{8 * 2 ** self.owner.level} of the image side); choose another resolution") from None
+
+            threshold = refinement_threshold(position, self.previous_position, self.n_steps, config.refine_points)
+            result = guided_step(x / scale, maps_fn, step_size_at(config.scale, position, self.n_steps), self.masks,
+                                 config, refine_threshold=threshold, layout_masks=self._layout(x.shape[-2:]),
+                                 check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
+                                 label=f"step {step}")
+            moved = ~result.skipped if result.iterations else torch.zeros_like(result.skipped)
+            x_new = torch.where(moved.view(-1, *([1] * (x.dim() - 1))), result.latent.to(x.dtype) * scale, x)
+        self.previous_position = position
+        self.masks = result.masks
+        self.log[step] = {"losses": result.losses, "iterations": result.iterations, "trace": result.trace,
+                          "maps": result.maps}
+        if bool(result.skipped.any()):
+            logging.warning("A-STAR: step %d: update skipped for sample(s) %s (non-finite loss or gradient)",
+                            step, torch.nonzero(result.skipped).flatten().tolist())
+        return x_new if bool(moved.any()) else None
+
+    def recording(self) -> AttentionRecording:
+        smooth = gaussian_smooth if self.config.smooth else (lambda m: m)
+        return self.capture.to_recording(self.log, smooth=smooth)
+
+
+class _GuidedModel:
+    """The model a sampler function is given: ComfyUI's KSamplerX0Inpaint, with guidance before the
+    calls that evaluate a step's latent. Everything else (inner_model, sigmas, ...) is the original's."""
+
+    def __init__(self, model_k, run: _GuidedRun):
+        self._model_k = model_k
+        self._run = run
+
+    def __call__(self, x, sigma, **extra_args):
+        return self._run.model_call(self._model_k, x, sigma, extra_args)
+
+    def __getattr__(self, name):
+        return getattr(self._model_k, name)
