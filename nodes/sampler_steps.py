@@ -6,8 +6,9 @@ the updated latent with its own history and noise. Samplers differ only in how t
 evaluation is recognised among their model calls:
 - by sigma (most): the first call at sigma_i after step i-1's; the extra calls of second-order and
   SDE samplers (dpm_2, dpmpp_sde, seeds, ...) fall at intermediate sigmas;
-- by count (heun, heunpp2): their corrector calls fall on the next schedule sigmas, so step i begins
-  at a call number known from the schedule;
+- by count (heun, heunpp2, dpm_2_ancestral, dpmpp_2s_ancestral): their extra calls fall on the next
+  schedule sigma (Heun's corrector; the ancestral midpoint sqrt(sigma_i * sigma_down) is sigma_i+1
+  itself when eta = 1), so step i begins at a call number known from the schedule;
 - after each progress callback (dpm_fast, dpm_adaptive): their own time grid, one callback per
   solver step, reported after the step.
 Predictor-corrector samplers that never evaluate the latent they continue from (uni_pc,
@@ -23,7 +24,8 @@ UNGUIDABLE = {
     "sample_unipc": "uni_pc", "sample_unipc_bh2": "uni_pc_bh2",
     "sample_sa_solver": "sa_solver", "sample_sa_solver_pece": "sa_solver_pece",
 }
-COUNTED = ("sample_heun", "sample_heunpp2")
+COUNTED = ("sample_heun", "sample_heunpp2", "sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral",
+           "sample_dpmpp_2s_ancestral_cfg_pp")
 OWN_GRID = ("dpm_fast_function", "dpm_adaptive_function", "sample_dpm_fast", "sample_dpm_adaptive")
 # Samplers whose progress callback reports another tensor than the latent of the step.
 CALLBACK_REPORTS_OTHER_X = ("sample_ipndm", "sample_ipndm_v", "sample_deis")
@@ -51,9 +53,10 @@ def refuse_unguidable(name: str, guidable_names) -> None:
 
 
 def evaluations_per_step(name: str, sigmas: list[float]) -> list[int]:
-    """Model calls of each step of heun / heunpp2 for this schedule (without churn)."""
+    """Model calls of each step of a COUNTED sampler for this schedule: one, plus a second where the
+    next sigma is not 0 (heun's corrector, the ancestral samplers' midpoint; heunpp2 below)."""
     n = len(sigmas) - 1
-    if name == "sample_heun":
+    if name != "sample_heunpp2":
         return [1 if sigmas[i + 1] == 0 else 2 for i in range(n)]
     end = sigmas[-1]
     counts = []

@@ -48,9 +48,8 @@ def test_a_pass_with_other_layers_runs_in_full_and_is_learned_from():
     assert passes.layers == tuple(k for k, s in shrunk if s)
 
 
-def test_disabled_runs_every_pass_in_full(monkeypatch):
-    monkeypatch.setattr(GuidancePasses, "enabled", False)
-    passes = GuidancePasses(level=2)
+def test_not_lean_runs_every_pass_in_full():
+    passes = GuidancePasses(level=2, lean=False)
     for _ in range(3):
         c = passes.capture()
         passes.run(c, fake_forward(c, UNET, []))
@@ -63,3 +62,20 @@ def test_a_capture_without_stop_after_never_completes():
     assert not c.complete
     with pytest.raises(ValueError, match="differ in size"):
         c.record(("input", 4, 0), torch.zeros(1, 16, 77), (4, 4), None)
+
+
+def test_stop_forward_is_not_an_ordinary_exception():
+    """A wrapper's `except Exception` (an OOM fallback, say) must not swallow the lean pass's stop."""
+    assert not issubclass(StopForward, Exception)
+    passes = GuidancePasses(level=2)
+    c = passes.capture()
+    passes.run(c, fake_forward(c, UNET, []))
+    c = passes.capture()
+
+    def forward_inside_a_catch_all():
+        try:
+            fake_forward(c, UNET, [])()
+        except Exception:  # noqa: BLE001 - what a careless wrapper does
+            pytest.fail("StopForward was caught as an Exception")
+    passes.run(c, forward_inside_a_catch_all)
+    assert passes.lean_passes == 1

@@ -9,7 +9,14 @@ import torch
 from attention.guidance import GuidanceConfig, guidance_losses, guided_step, refinement_measure
 from attention.losses import attend_excite_loss, binarize, pair_overlap, retention_loss, segregation_loss
 from attention.maps import concept_maps, excluded_token_columns, gaussian_smooth, token_softmax
-from attention.schedule import AE_REFINEMENT_THRESHOLDS, parse_thresholds, step_sizes
+from attention.schedule import (
+    AE_REFINEMENT_POINTS,
+    in_window,
+    parse_thresholds,
+    refinement_threshold,
+    schedule_position,
+    step_size_at,
+)
 
 N_TOKENS = 8
 TOKEN_GROUPS = ((2,), (4, 5))
@@ -41,33 +48,72 @@ def sigmoid_maps_fn(z):
 
 
 def test_step_sizes_follow_attend_and_excite():
-    sizes = step_sizes(20.0, 50)
-    assert len(sizes) == 50
+    sizes = [step_size_at(20.0, i, 50) for i in range(50)]
     assert sizes[0] == pytest.approx(20.0)
     assert sizes[-1] == pytest.approx(20.0 * math.sqrt(0.5))
     assert sizes[10] == pytest.approx(20.0 * math.sqrt(1.0 - 0.5 * 10 / 49))
     assert all(a > b for a, b in zip(sizes, sizes[1:]))
-    assert step_sizes(7.0, 1) == (7.0,)
-    assert step_sizes(7.0, 0) == ()
+    assert step_size_at(7.0, 0, 1) == 7.0
+    # A&E's np.linspace(1.0, 0.5, 50), written out
+    assert step_size_at(20.0, 24, 50) == pytest.approx(20.0 * math.sqrt(1.0 + (0.5 - 1.0) * 24 / 49))
 
 
-def test_refinement_thresholds_default_and_parse():
-    assert dict(AE_REFINEMENT_THRESHOLDS) == {0: 0.05, 10: 0.5, 20: 0.8}
+@pytest.mark.parametrize("steps, start, end, guided", [
+    (50, 0.0, 0.5, list(range(25))),   # A&E: 25 of 50
+    (20, 0.0, 0.5, list(range(10))),
+    (25, 0.0, 0.5, list(range(13))),   # 12.5 -> positions 0..12
+    (10, 0.2, 0.6, [2, 3, 4, 5]),
+    (10, 0.0, 0.0, []),
+])
+def test_guidance_window_in_fractions_of_the_sampled_steps(steps, start, end, guided):
+    assert [i for i in range(steps) if in_window(i, steps, start, end)] == guided
+
+
+def test_refinement_points_are_fractions_of_the_steps():
+    assert dict(AE_REFINEMENT_POINTS) == {0.0: 0.05, 0.2: 0.5, 0.4: 0.8}
     with pytest.raises(TypeError):
-        AE_REFINEMENT_THRESHOLDS[5] = 0.1
-    parsed = parse_thresholds(" 0:0.05, 10:0.5,20 : 0.8 ")
-    assert isinstance(parsed, MappingProxyType) and dict(parsed) == {0: 0.05, 10: 0.5, 20: 0.8}
+        AE_REFINEMENT_POINTS[0.5] = 0.1
+
+    def refined_steps(n):
+        out, previous = {}, None
+        for i in range(n):
+            t = refinement_threshold(i, previous, n, AE_REFINEMENT_POINTS)
+            if t is not None:
+                out[i] = t
+            previous = i
+        return out
+    assert refined_steps(50) == {0: 0.05, 10: 0.5, 20: 0.8}  # A&E's steps 0, 10, 20 of 50
+    assert refined_steps(20) == {0: 0.05, 4: 0.5, 8: 0.8}
+    assert refined_steps(12) == {0: 0.05, 3: 0.5, 5: 0.8}  # ceil(2.4) = 3, ceil(4.8) = 5
+    # fractional positions (a solver with its own grid): the first step at or past the point
+    assert refinement_threshold(2.7, 1.9, 10, {0.2: 0.5}) == 0.5
+    assert refinement_threshold(3.5, 2.7, 10, {0.2: 0.5}) is None
+
+
+def test_schedule_position_interpolates_in_log_sigma():
+    sigmas = [14.6, 4.0, 1.0, 0.0]
+    assert schedule_position(4.0, sigmas) == 1.0
+    assert schedule_position(2.0, sigmas) == pytest.approx(1.5)  # halfway in log between 4 and 1
+    assert schedule_position(0.5, sigmas) == pytest.approx(2.5)  # linear into 0
+    assert schedule_position(20.0, sigmas) == 0.0
+
+
+def test_refinement_thresholds_parse():
+    parsed = parse_thresholds(" 0:0.05, 0.2:0.5,0.4 : 0.8 ")
+    assert isinstance(parsed, MappingProxyType) and dict(parsed) == {0.0: 0.05, 0.2: 0.5, 0.4: 0.8}
     assert dict(parse_thresholds("")) == {}
+    with pytest.raises(ValueError, match=r"fraction of the steps in \[0, 1\)"):
+        parse_thresholds("10:0.5")  # a step index of the old format
 
 
-@pytest.mark.parametrize("text", ["0-0.05", "a:0.5", "0:high", "0:0.5, 0:0.6", "-1:0.5", "3:1.5"])
+@pytest.mark.parametrize("text", ["0-0.05", "a:0.5", "0:high", "0:0.5, 0:0.6", "-0.1:0.5", "0.3:1.5", "1:0.5"])
 def test_parse_thresholds_rejects_bad_text(text):
-    with pytest.raises(ValueError, match="step|threshold"):
+    with pytest.raises(ValueError, match="point|threshold"):
         parse_thresholds(text)
 
 
 def test_parse_thresholds_error_shows_format():
-    with pytest.raises(ValueError, match="0:0.05, 10:0.5, 20:0.8"):
+    with pytest.raises(ValueError, match="0:0.05, 0.2:0.5, 0.4:0.8"):
         parse_thresholds("zero:0.1")
 
 
@@ -76,10 +122,10 @@ def test_parse_thresholds_error_shows_format():
 
 def test_config_defaults_are_attend_and_excite_values():
     config = GuidanceConfig()
-    assert (config.mode, config.scale, config.guided_steps, config.max_refine_iters) == ("astar", 20.0, 25, 20)
-    assert dict(config.thresholds) == {0: 0.05, 10: 0.5, 20: 0.8}
-    frozen = GuidanceConfig(thresholds={3: 0.4})
-    assert isinstance(frozen.thresholds, MappingProxyType) and dict(frozen.thresholds) == {3: 0.4}
+    assert (config.mode, config.scale, config.start, config.end, config.max_refine_iters) == ("astar", 20.0, 0.0, 0.5, 20)
+    assert dict(config.refine_points) == {0.0: 0.05, 0.2: 0.5, 0.4: 0.8}
+    frozen = GuidanceConfig(refine_points={0.3: 0.4})
+    assert isinstance(frozen.refine_points, MappingProxyType) and dict(frozen.refine_points) == {0.3: 0.4}
     with pytest.raises(AttributeError):
         config.scale = 1.0
 
@@ -90,13 +136,14 @@ def test_config_defaults_are_attend_and_excite_values():
         ("mode", "excite"),
         ("segregation_weight", -1.0),
         ("retention_weight", float("nan")),
-        ("guided_steps", -1),
-        ("guided_steps", 2.5),
+        ("start", -0.1),
+        ("end", 1.5),
         ("scale", -0.1),
         ("refine", "yes"),
-        ("thresholds", {0: 1.5}),
-        ("thresholds", {-2: 0.5}),
-        ("thresholds", [0.5]),
+        ("refine_points", {0: 1.5}),
+        ("refine_points", {-2: 0.5}),
+        ("refine_points", {1.0: 0.5}),
+        ("refine_points", [0.5]),
         ("max_refine_iters", -3),
         ("binarization", "mean"),
         ("fraction", 0.0),
@@ -107,6 +154,11 @@ def test_config_defaults_are_attend_and_excite_values():
 def test_config_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=f"GuidanceConfig.{field}"):
         GuidanceConfig(**{field: value})
+
+
+def test_config_rejects_a_window_that_ends_before_it_starts():
+    with pytest.raises(ValueError, match="GuidanceConfig.end .* before start"):
+        GuidanceConfig(start=0.6, end=0.2)
 
 
 # --- losses and measure -----------------------------------------------------------------------
@@ -159,7 +211,7 @@ def test_guided_step_lowers_the_loss(mode):
     maps_fn = make_token_maps_fn()
     config = GuidanceConfig(mode=mode, smooth=True)
     prev = binarize(gaussian_smooth(maps_fn(z)))
-    result = guided_step(z, maps_fn, step_index=5, step_size=0.5, prev_masks=prev, config=config)
+    result = guided_step(z, maps_fn, step_size=0.5, prev_masks=prev, config=config)
     before = guidance_losses(maps_fn(z), prev, config)["total"]
     after = guidance_losses(maps_fn(result.latent), prev, config)["total"]
     assert torch.allclose(result.losses["total"], before)
@@ -177,7 +229,7 @@ def test_guided_step_update_is_plain_gradient_step():
     config = GuidanceConfig(smooth=False)
     leaf = z.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(segregation_loss(maps_fn(leaf)).sum(), leaf)
-    result = guided_step(z, maps_fn, 0, 3.0, None, config)
+    result = guided_step(z, maps_fn, 3.0, None, config)
     assert torch.allclose(result.latent, z - 3.0 * grad, atol=1e-6)
 
 
@@ -186,8 +238,8 @@ def test_guided_step_samples_are_independent():
     z = torch.randn(3, 4, 6, 6)
     maps_fn = make_token_maps_fn(2)
     config = GuidanceConfig()
-    together = guided_step(z, maps_fn, 0, 2.0, None, config).latent
-    alone = guided_step(z[1:2], maps_fn, 0, 2.0, None, config).latent
+    together = guided_step(z, maps_fn, 2.0, None, config).latent
+    alone = guided_step(z[1:2], maps_fn, 2.0, None, config).latent
     assert torch.allclose(together[1:2], alone, atol=1e-6)
 
 
@@ -196,62 +248,83 @@ def test_guided_step_without_step_or_weights_keeps_latent_and_reports():
     z = torch.randn(2, 4, 6, 6)
     maps_fn = make_token_maps_fn()
     for step_size, config in ((0.0, GuidanceConfig()), (5.0, GuidanceConfig(segregation_weight=0, retention_weight=0))):
-        result = guided_step(z, maps_fn, 0, step_size, None, config)
+        result = guided_step(z, maps_fn, step_size, None, config)
         assert torch.equal(result.latent, z)
         assert result.iterations == 0
         assert torch.allclose(result.losses["segregation"], segregation_loss(gaussian_smooth(maps_fn(z))))
         assert result.masks.shape == (2, 2, 6, 6)
 
 
-def test_refinement_stops_when_threshold_met_and_only_moves_samples_below_it():
+def test_refinement_follows_attend_and_excites_loop():
+    """A&E's loop tests the loss of the latent *before* each update: a sample keeps refining until
+    the latent before its last update had reached the threshold (one update past it); a sample
+    already above it waits for the regular step. Reference: the loop written out below."""
     z = torch.zeros(2, 4, 6, 6)
     z[0, :2] = 4.0  # sample 0: both concepts near 1, already above the threshold
     z[1, :2] = -1.0  # sample 1: peaks ~0.27, below it
-    threshold = 0.5
-    config = GuidanceConfig(mode="attend_excite", refine=True, thresholds={7: threshold}, max_refine_iters=20)
+    threshold, alpha = 0.5, 60.0
+    config = GuidanceConfig(mode="attend_excite", refine=True, max_refine_iters=20)
     seen = []
 
     def recording_maps_fn(latent):
         seen.append(latent.detach().clone())
         return sigmoid_maps_fn(latent)
 
-    result = guided_step(z, recording_maps_fn, 7, 60.0, None, config)
-    measures = [1 - attend_excite_loss(sigmoid_maps_fn(latent)) for latent in seen]
-    assert 2 < len(seen) < 21
-    # Every forward but the last saw sample 1 below the threshold; the last saw it above.
-    assert all(m[1] < threshold for m in measures[:-1]) and measures[-1][1] >= threshold
-    assert all(torch.equal(latent[0], z[0]) for latent in seen)  # sample 0 waits for the regular step
-    assert result.iterations == len(seen)  # refinement steps + the regular step, one forward each
-    assert not torch.equal(result.latent[0], z[0])
+    result = guided_step(z, recording_maps_fn, alpha, None, config, refine_threshold=threshold)
+
+    # A&E (per sample): while loss > 1 - threshold: iteration += 1; forward; update; (cap). Then forward, update.
+    def ae_loss(latent):
+        return attend_excite_loss(gaussian_smooth(sigmoid_maps_fn(latent)), smooth=False)
+
+    def update(latent):
+        leaf = latent.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(ae_loss(leaf).sum(), leaf)
+        return (leaf - alpha * grad).detach()
+
+    expected, iterations = [], []
+    for sample in z.split(1):
+        latent, loss, n = sample, ae_loss(sample), 0
+        while loss > 1 - threshold:
+            n += 1
+            loss = ae_loss(latent)
+            latent = update(latent)
+            if n >= 20:
+                break
+        expected.append(update(latent))
+        iterations.append(n)
+    assert iterations[0] == 0 and iterations[1] >= 2
+    assert result.iterations == max(iterations) + 1
+    assert torch.allclose(result.latent, torch.cat(expected), atol=1e-5)
+    assert all(torch.equal(latent[0], z[0]) for latent in seen[:-1])  # sample 0 waits for the regular step
 
 
 def test_refinement_stops_at_the_cap():
     z = torch.full((1, 4, 6, 6), -6.0)
-    config = GuidanceConfig(mode="attend_excite", refine=True, thresholds={0: 0.99}, max_refine_iters=3)
+    config = GuidanceConfig(mode="attend_excite", refine=True, max_refine_iters=3)
     calls = []
 
     def counting_maps_fn(latent):
         calls.append(1)
         return sigmoid_maps_fn(latent)
 
-    result = guided_step(z, counting_maps_fn, 0, 1.0, None, config)
+    result = guided_step(z, counting_maps_fn, 1.0, None, config, refine_threshold=0.99)
     assert result.iterations == 4 and len(calls) == 4
-    # At a step without a threshold, or with refine off, only the regular step runs.
-    assert guided_step(z, sigmoid_maps_fn, 1, 1.0, None, config).iterations == 1
-    no_refine = GuidanceConfig(mode="attend_excite", refine=False, thresholds={0: 0.99})
-    assert guided_step(z, sigmoid_maps_fn, 0, 1.0, None, no_refine).iterations == 1
+    # Without a threshold at this step, or with refine off, only the regular step runs.
+    assert guided_step(z, sigmoid_maps_fn, 1.0, None, config).iterations == 1
+    no_refine = GuidanceConfig(mode="attend_excite", refine=False)
+    assert guided_step(z, sigmoid_maps_fn, 1.0, None, no_refine, refine_threshold=0.99).iterations == 1
 
 
 def test_refinement_in_astar_mode_uses_pair_overlap():
     z = torch.zeros(1, 4, 6, 6)  # both concepts identical: pair overlap 1, measure 0
-    config = GuidanceConfig(refine=True, thresholds={0: 0.5}, max_refine_iters=2, smooth=False)
+    config = GuidanceConfig(refine=True, max_refine_iters=2, smooth=False)
     calls = []
 
     def maps_fn(latent):
         calls.append(1)
         return torch.sigmoid(latent[:, :2] + torch.tensor([1.0, -1.0]).view(1, 2, 1, 1) * latent[:, 2:3])
 
-    guided_step(z, maps_fn, 0, 1.0, None, config)
+    guided_step(z, maps_fn, 1.0, None, config, refine_threshold=0.5)
     assert len(calls) == 3  # cap of 2 refinement steps, then the regular step's forward
 
 
@@ -266,11 +339,11 @@ def test_nan_sample_is_left_unchanged_and_reported():
 
     config = GuidanceConfig()
     with pytest.warns(RuntimeWarning, match=r"sample\(s\) \[1\]"):
-        result = guided_step(z, nan_maps_fn, 0, 2.0, None, config)
+        result = guided_step(z, nan_maps_fn, 2.0, None, config)
     assert result.skipped.tolist() == [False, True, False]
     assert torch.equal(result.latent[1], z[1])
     assert torch.isfinite(result.latent).all()
-    clean = guided_step(z[[0, 2]], maps_fn, 0, 2.0, None, config).latent
+    clean = guided_step(z[[0, 2]], maps_fn, 2.0, None, config).latent
     assert torch.allclose(result.latent[[0, 2]], clean, atol=1e-6)
 
 
@@ -283,21 +356,21 @@ def test_infinite_gradient_with_finite_loss_is_skipped():
         return sigmoid_maps_fn(latent) + bump
 
     with pytest.warns(RuntimeWarning):
-        result = guided_step(z, maps_fn, 0, 1.0, None, GuidanceConfig(mode="attend_excite"))
+        result = guided_step(z, maps_fn, 1.0, None, GuidanceConfig(mode="attend_excite"))
     assert torch.isfinite(result.losses["total"]).all()
     assert result.skipped.tolist() == [False, True]
     assert torch.equal(result.latent[1], z[1]) and not torch.equal(result.latent[0], z[0])
     # Refinement does not retry a skipped sample: one refinement attempt, then the regular step.
-    refine = GuidanceConfig(mode="attend_excite", refine=True, thresholds={0: 0.99}, max_refine_iters=5)
+    refine = GuidanceConfig(mode="attend_excite", refine=True, max_refine_iters=5)
     z[0] = 10.0  # sample 0 already above the threshold
     with pytest.warns(RuntimeWarning):
-        refined = guided_step(z, maps_fn, 0, 1.0, None, refine)
+        refined = guided_step(z, maps_fn, 1.0, None, refine, refine_threshold=0.99)
     assert refined.iterations == 2 and refined.skipped.tolist() == [False, True]
 
 
 def test_check_interrupt_runs_before_every_forward_and_propagates():
     z = torch.full((1, 4, 6, 6), -6.0)
-    config = GuidanceConfig(mode="attend_excite", refine=True, thresholds={0: 0.99}, max_refine_iters=5)
+    config = GuidanceConfig(mode="attend_excite", refine=True, max_refine_iters=5)
     events = []
 
     def maps_fn(latent):
@@ -310,7 +383,7 @@ def test_check_interrupt_runs_before_every_forward_and_propagates():
             raise KeyboardInterrupt("user stopped")
 
     with pytest.raises(KeyboardInterrupt, match="user stopped"):
-        guided_step(z, maps_fn, 0, 1.0, None, config, check_interrupt=check_interrupt)
+        guided_step(z, maps_fn, 1.0, None, config, refine_threshold=0.99, check_interrupt=check_interrupt)
     assert events == ["check", "forward", "check", "forward", "check"]
 
 
@@ -321,7 +394,7 @@ def test_layout_masks_replace_retention_masks_from_the_first_step():
     layout = torch.zeros(1, 8, 8)
     layout[0, :, :4] = 1.0
     config = GuidanceConfig()
-    first = guided_step(z, maps_fn, 0, 1.0, None, config, layout_masks={1: layout})
+    first = guided_step(z, maps_fn, 1.0, None, config, layout_masks={1: layout})
     expected_masks = torch.zeros(2, 2, 8, 8)
     expected_masks[:, 1] = layout
     smoothed = gaussian_smooth(maps_fn(z))
@@ -329,15 +402,15 @@ def test_layout_masks_replace_retention_masks_from_the_first_step():
     assert torch.all(first.losses["retention"] > 0)
     # Later steps: the layout wins over the previous step's binarised mask for its concept only.
     prev = torch.ones(2, 2, 8, 8)
-    later = guided_step(z, maps_fn, 1, 1.0, prev, config, layout_masks={1: layout[0]})
+    later = guided_step(z, maps_fn, 1.0, prev, config, layout_masks={1: layout[0]})
     expected_masks[:, 0] = 1.0
     assert torch.allclose(later.losses["retention"], retention_loss(smoothed, expected_masks))
     # A layout mask drawn at another resolution is area-resized to the maps.
     big = layout.repeat_interleave(4, dim=-1).repeat_interleave(4, dim=-2)
-    resized = guided_step(z, maps_fn, 0, 1.0, None, config, layout_masks={1: big})
+    resized = guided_step(z, maps_fn, 1.0, None, config, layout_masks={1: big})
     assert torch.allclose(resized.losses["retention"], first.losses["retention"])
     with pytest.raises(ValueError, match="concept 5"):
-        guided_step(z, maps_fn, 0, 1.0, None, config, layout_masks={5: layout})
+        guided_step(z, maps_fn, 1.0, None, config, layout_masks={5: layout})
 
 
 def test_guided_step_works_under_inference_mode():
@@ -345,16 +418,16 @@ def test_guided_step_works_under_inference_mode():
     maps_fn = make_token_maps_fn()
     with torch.inference_mode():
         inference_z = z.clone()
-        result = guided_step(inference_z, maps_fn, 0, 1.0, None, GuidanceConfig())
+        result = guided_step(inference_z, maps_fn, 1.0, None, GuidanceConfig())
     assert not torch.equal(result.latent, z)
 
 
 def test_guided_step_rejects_bad_step_size():
     with pytest.raises(ValueError, match="step_size"):
-        guided_step(torch.zeros(1, 4, 2, 2), sigmoid_maps_fn, 0, float("nan"), None, GuidanceConfig())
+        guided_step(torch.zeros(1, 4, 2, 2), sigmoid_maps_fn, float("nan"), None, GuidanceConfig())
 
 
 def test_guided_step_emits_no_warning_when_all_finite():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        guided_step(torch.randn(2, 4, 6, 6), make_token_maps_fn(), 0, 1.0, None, GuidanceConfig())
+        guided_step(torch.randn(2, 4, 6, 6), make_token_maps_fn(), 1.0, None, GuidanceConfig())

@@ -1,27 +1,29 @@
-"""attention.overlay: map selection, normalisation, colour maps, overlays, timeline, overlap, loss plot."""
+"""nodes/overlay_drawing.py: map selection, normalisation, colour maps, overlays, timeline, overlap, loss plot."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from attention.overlay import (
-    COLORMAPS,
-    colormap,
-    combined_overlay,
-    concept_colors,
-    concept_heatmaps,
-    label_height,
-    label_size,
-    loss_plot,
-    loss_table,
-    normalize_maps,
-    overlap_image,
-    pairwise_overlap,
-    peak_attention,
-    select_maps,
-    step_timeline,
-    upsample,
-)
-from attention.recording import AttentionRecording, StepRecord
+from support.pack_modules import pack_module
+
+_drawing = pack_module("nodes.overlay_drawing")
+COLORMAPS = _drawing.COLORMAPS
+colormap = _drawing.colormap
+combined_overlay = _drawing.combined_overlay
+concept_colors = _drawing.concept_colors
+concept_heatmaps = _drawing.concept_heatmaps
+label_height = _drawing.label_height
+label_size = _drawing.label_size
+loss_plot = _drawing.loss_plot
+loss_table = _drawing.loss_table
+normalize_maps = _drawing.normalize_maps
+overlap_image = _drawing.overlap_image
+pairwise_overlap = _drawing.pairwise_overlap
+peak_attention = _drawing.peak_attention
+select_maps = _drawing.select_maps
+step_timeline = _drawing.step_timeline
+upsample = _drawing.upsample
+AttentionRecording = _drawing.AttentionRecording
+StepRecord = _drawing.StepRecord
 
 R = 16  # map side
 
