@@ -9,7 +9,7 @@ import torch
 from support import host as hosts
 from support.graphs import sd15_graph
 
-PACK_NODES = ["AStarTextEncode", "AStarKSampler", "AStarGuider", "AStarAttentionRecorder", "AStarAttentionOverlay"]
+PACK_NODES = ["AStarTextEncode", "AStarApply", "AStarKSampler", "AStarAttentionRecorder", "AStarAttentionOverlay"]
 
 
 def test_server_lists_pack_nodes(server):
@@ -18,7 +18,7 @@ def test_server_lists_pack_nodes(server):
     assert not missing, f"pack nodes missing from /object_info: {missing}\n{server.log()[-3000:]}"
     inputs = info["AStarKSampler"]["input"]["required"]
     for name in ("seed", "steps", "cfg", "sampler_name", "scheduler", "positive", "negative", "latent_image", "denoise",
-                 "concepts", "mode", "guided_steps"):
+                 "concepts", "mode", "guidance_start", "guidance_end"):
         assert name in inputs, name
     for name, spec in inputs.items():
         assert spec[1].get("tooltip") if len(spec) > 1 else False, f"input {name} has no tooltip"
@@ -52,7 +52,7 @@ class _BackwardThroughUNet:
         unet = model.model.diffusion_model
         if apply_fix:
             import sys
-            pack = next(m for n, m in sys.modules.items() if n.endswith("astar_pack.nodes.patch"))
+            pack = next(m for n, m in sys.modules.items() if n.endswith("astar_pack.nodes.autograd_weights"))
             pack.make_autograd_safe(model.model)
         with torch.inference_mode(False), torch.enable_grad():
             x = torch.randn(1, 4, 8, 8, requires_grad=True)

@@ -17,7 +17,7 @@ def run_sampler(host, ckpt, **kw):
 
 
 def test_recorded_maps_equal_explicit_computation(host):
-    patch = hosts.pack_module("nodes.patch")
+    patch = hosts.pack_module("nodes.attention_patch")
     capture = hosts.pack_module("attention.capture")
     import comfy.ldm.modules.attention as comfy_attention
     torch.manual_seed(0)
@@ -51,7 +51,7 @@ def test_nothing_guided_is_bit_identical_to_stock_ksampler(host, mini_ckpt):
     g["out"] = {"class_type": "PreviewAny", "inputs": {"source": ["sampler", 0]}}
     out = host.run(g)
     assert torch.equal(stock, out["sampler"][0]["samples"])
-    recording = out["rec"][1]
+    recording = out["rec"][1][-1]  # the patched model's runs: one here
     maps = recording.maps()
     assert maps.shape[:4] == (3, 4, 1, 2)  # steps, mini's 4 layers at 1/16, batch, concepts
     assert recording.words == ["cat", "frog"] and torch.isfinite(maps).all() and maps.max() > 0
@@ -64,7 +64,7 @@ def test_one_guided_step_lowers_the_loss(host, request, which):
     size, resolution = (64, "1/16") if which == "mini" else (128, "1/32")
     for mode in ("astar", "attend_excite"):
         _, rec = run_sampler(host, ckpt, steps=2, guided_steps=1, size=size, resolution=resolution, batch=2,
-                             mode=mode, step_size=0.5, refine=True, refine_thresholds="0:1.0", max_refine_iters=1)
+                             mode=mode, step_size=0.5, refine="on", refine_thresholds="0:1.0", max_refine_iters=1)
         trace = rec.steps[0].trace
         assert trace.shape == (2, 2), trace
         assert torch.isfinite(trace).all()
@@ -83,12 +83,49 @@ def _cross_attention_block_keys(unet):
     return keys
 
 
-def test_euler_equals_a_reference_loop(host, mini_ckpt):
-    """The A-STAR KSampler with Euler equals a loop written here: at each guided step, the latent is
-    updated by -alpha_t * grad_z L (z = x / sqrt(1 + sigma^2)) before that step's prediction."""
+def _euler(x, denoised, s, s_next, state):
+    return x + (x - denoised) / s * (s_next - s)
+
+
+def _dpmpp_2m(x, denoised, s, s_next, state):
+    """DPM-Solver++(2M) in sigma form: exponential integrator on the denoised prediction, second
+    order from the previous step's prediction (the history a restart would lose)."""
+    t, t_next = -torch.log(s), -torch.log(s_next) if s_next > 0 else None
+    if s_next == 0:
+        out = denoised
+    else:
+        h = t_next - t
+        d = denoised
+        if "old" in state:
+            r = (t - state["t_old"]) / h
+            d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * state["old"]
+        out = (s_next / s) * x - torch.expm1(-h) * d
+    state["old"], state["t_old"] = denoised, t
+    return out
+
+
+def _euler_ancestral(x, denoised, s, s_next, state):
+    """eta 1: step down to sigma_down deterministically, then add sigma_up of fresh noise, drawn from
+    one generator seeded with the run's seed for the whole run."""
+    up = torch.minimum(s_next, (s_next ** 2 * (s ** 2 - s_next ** 2) / s ** 2) ** 0.5)
+    down = (s_next ** 2 - up ** 2) ** 0.5
+    x = x + (x - denoised) / s * (down - s)
+    if s_next > 0:
+        x = x + torch.randn(x.shape, generator=state["generator"]) * up
+    return x
+
+
+REFERENCE_STEPS = {"euler": _euler, "dpmpp_2m": _dpmpp_2m, "euler_ancestral": _euler_ancestral}
+
+
+@pytest.mark.parametrize("sampler_name", list(REFERENCE_STEPS))
+def test_guided_sampler_equals_a_reference_loop(host, mini_ckpt, sampler_name):
+    """The A-STAR KSampler equals a loop written here: at each guided step, the latent the sampler
+    holds is updated by -alpha_t * grad_z L (z = x / sqrt(1 + sigma^2)) before that step's model
+    call, and the sampler continues from it with its own history (dpmpp_2m) and noise (ancestral)."""
     steps, guided, cfg, seed, step_size = 4, 3, 7.5, 3, 2.0
     latent, rec = run_sampler(host, mini_ckpt, steps=steps, guided_steps=guided, cfg=cfg, seed=seed,
-                              step_size=step_size, size=64, resolution="1/16")
+                              step_size=step_size, size=64, resolution="1/16", sampler_name=sampler_name)
 
     import comfy.ldm.modules.attention as comfy_attention
     import comfy.model_management
@@ -123,10 +160,11 @@ def test_euler_equals_a_reference_loop(host, mini_ckpt):
         return comfy_attention.optimized_attention(q, k, v, extra["n_heads"])
 
     options = {"patches_replace": {"attn2": {key: record for key in _cross_attention_block_keys(base.diffusion_model)}}}
-    config = guidance.GuidanceConfig(mode="astar", guided_steps=guided, scale=step_size)
+    config = guidance.GuidanceConfig(mode="astar", scale=step_size)
     sigmas = comfy.samplers.calculate_sigmas(base.model_sampling, "normal", steps)
     alphas = [step_size * math.sqrt(a) for a in torch.linspace(1.0, 0.5, steps).tolist()]
     x = comfy.sample.prepare_noise(torch.zeros(1, 4, 8, 8), seed) * torch.sqrt(1.0 + sigmas[0] ** 2)
+    state = {"generator": torch.Generator().manual_seed(seed)}
     masks = None
     ref_losses = []
     for i in range(steps):
@@ -149,20 +187,20 @@ def test_euler_equals_a_reference_loop(host, mini_ckpt):
             den_c = base.apply_model(x, s, c_crossattn=cond)
             den_u = base.apply_model(x, s, c_crossattn=uncond)
             denoised = den_u + cfg * (den_c - den_u)
-            x = x + (x - denoised) / s * (sigmas[i + 1] - s)
+            x = REFERENCE_STEPS[sampler_name](x, denoised, sigmas[i], sigmas[i + 1], state)
     expected = base.process_latent_out(x)
     got_losses = [float(r.losses["total"]) for r in rec.steps[:guided]]
     assert got_losses == pytest.approx(ref_losses, rel=1e-4, abs=1e-5)
     torch.testing.assert_close(latent["samples"], expected, rtol=1e-3, atol=1e-3)
     assert not torch.allclose(latent["samples"], run_sampler(host, mini_ckpt, steps=steps, guided_steps=0, cfg=cfg,
-                                                             seed=seed, size=64)[0]["samples"])
+                                                             seed=seed, size=64, sampler_name=sampler_name)[0]["samples"])
 
 
 @pytest.mark.sdxl
 def test_sdxl_concepts_map_through_both_encoders_and_a_guided_step_lowers_the_loss(host):
     from support.models import build_sdxl_model, sdxl_tokenizer
     prompt = hosts.pack_module("nodes.prompt")
-    sampler = hosts.pack_module("nodes.sampler")
+    sampler = hosts.pack_module("nodes.guidance_inputs")
     tokens_mod = hosts.pack_module("attention.tokens")
     text = "a photo of a (teddy bear:1.2) and a red car"
     tokenizer = sdxl_tokenizer()
@@ -190,13 +228,14 @@ def _guided_sdxl_step(sampler, prompt, pt, model):
     positive = sdxl_conditioning(batch=1, seed=1, width=128, height=128)
     positive[0][1][prompt.PROMPT_KEY] = pt
     negative = sdxl_conditioning(batch=1, seed=2, width=128, height=128)
-    patched, rec = sampler.build_guidance(model, "teddy bear, car", "1/32", positive=positive, guided_steps=1,
-                                          step_size=0.5, refine=True, refine_thresholds="0:1.0", max_refine_iters=1)
+    patched, runs = sampler.build_guidance(model, "teddy bear, car", "1/32", positive=positive, guidance_end=0.5,
+                                           step_size=0.5, refine="on", refine_thresholds="0:1.0", max_refine_iters=1)
     latent = torch.zeros(1, 4, 16, 16)
     with torch.inference_mode():  # as ComfyUI's executor runs nodes
         out = comfy.sample.sample(patched, comfy.sample.prepare_noise(latent, 0), 2, 1.0, "euler", "normal",
                                   positive, negative, latent, seed=0)
     assert torch.isfinite(out).all()
+    rec = runs[-1]
     blocks = {(b, i) for b, i, _ in rec.layers}
     assert blocks == {("input", 7), ("input", 8), ("middle", 0), ("output", 0), ("output", 1), ("output", 2)}
     assert len(rec.layers) == 60  # 10 transformer blocks each at 1/32 of the image side

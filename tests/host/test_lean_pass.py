@@ -34,7 +34,7 @@ def run_sampler(host, ckpt, unet_dtype=None, fresh=False, **kw):
 def spies(monkeypatch):
     """Records every GuidancePasses of the runs, and at each guided step the loss and gradient w.r.t.
     the latent of a full pass and of a lean pass from the same latent (then guides as usual)."""
-    guided = hosts.pack_module("nodes.guided")
+    guided = hosts.pack_module("nodes.sampling_wrapper")
     capture = hosts.pack_module("attention.capture")
     guidance = hosts.pack_module("attention.guidance")
     passes, steps = [], []
@@ -47,7 +47,7 @@ def spies(monkeypatch):
     real_guided_step = guided.guided_step
 
     def loss_and_grad(z, maps_fn, prev_masks, config, lean):
-        monkeypatch.setattr(capture.GuidancePasses, "enabled", lean)
+        passes[-1].lean = lean
         try:
             with torch.inference_mode(False), torch.enable_grad():
                 leaf = z.detach().clone().requires_grad_(True)
@@ -56,13 +56,13 @@ def spies(monkeypatch):
                 (grad,) = torch.autograd.grad(loss.sum(), leaf)
             return loss.detach(), grad, passes[-1].lean_passes
         finally:
-            monkeypatch.setattr(capture.GuidancePasses, "enabled", True)
+            passes[-1].lean = True
 
-    def spy(z, maps_fn, step_index, step_size, prev_masks, config, **kw):
+    def spy(z, maps_fn, step_size, prev_masks, config, **kw):
         full = loss_and_grad(z, maps_fn, prev_masks, config, lean=False)
         lean = loss_and_grad(z, maps_fn, prev_masks, config, lean=True)
-        steps.append({"step": step_index, "full": full, "lean": lean})
-        return real_guided_step(z, maps_fn, step_index, step_size, prev_masks, config, **kw)
+        steps.append({"step": len(steps), "full": full, "lean": lean})
+        return real_guided_step(z, maps_fn, step_size, prev_masks, config, **kw)
 
     monkeypatch.setattr(guided, "GuidancePasses", Passes)
     monkeypatch.setattr(guided, "guided_step", spy)
@@ -98,11 +98,17 @@ def test_truncation_leaves_the_sampled_latent_unchanged(host, request, monkeypat
     so several passes per step) gives the same latent and the same loss trace."""
     ckpt = request.getfixturevalue(f"{which}_ckpt")
     capture = hosts.pack_module("attention.capture")
-    kw = dict(SETTINGS[which], steps=3, guided_steps=2, seed=5, refine=True, refine_thresholds="0:1.0",
+    wrapper = hosts.pack_module("nodes.sampling_wrapper")
+    kw = dict(SETTINGS[which], steps=3, guided_steps=2, seed=5, refine="on", refine_thresholds="0:1.0",
               max_refine_iters=2)
-    monkeypatch.setattr(capture.GuidancePasses, "enabled", False)
+
+    class FullPasses(capture.GuidancePasses):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **{**k, "lean": False})
+
+    monkeypatch.setattr(wrapper, "GuidancePasses", FullPasses)
     full_latent, full_rec = run_sampler(host, ckpt, fresh=True, **kw)
-    monkeypatch.setattr(capture.GuidancePasses, "enabled", True)
+    monkeypatch.undo()
     lean_latent, lean_rec = run_sampler(host, ckpt, fresh=True, **kw)  # not ComfyUI's cached result
     assert torch.equal(lean_latent["samples"], full_latent["samples"])
     assert [s.trace.tolist() for s in lean_rec.steps if s.trace is not None] == \
@@ -114,7 +120,7 @@ def test_cast_weights_are_recast_not_kept(host, mini_ckpt, monkeypatch):
     layer call (ComfyUI's manual cast; lowvram offloading casts the same way). The guidance pass hands
     autograd those casts; it keeps references to the weights instead and casts again at backward, and
     the sampled latent is bitwise that of keeping the copies."""
-    guided = hosts.pack_module("nodes.guided")
+    guided = hosts.pack_module("nodes.sampling_wrapper")
     real_policy = guided.saved_tensor_policy
     policies, settings = [], {"keep_casts": False}
 

@@ -376,7 +376,7 @@ def _tiny_sd3():
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
 
 
-@pytest.mark.parametrize("node", ["AStarKSampler", "AStarGuider", "AStarAttentionRecorder"])
+@pytest.mark.parametrize("node", ["AStarKSampler", "AStarApply", "AStarAttentionRecorder"])
 def test_model_without_unet_cross_attention_is_refused_before_sampling(host, mini_ckpt, node, monkeypatch):
     import comfy.sample
     import comfy.samplers
@@ -390,17 +390,17 @@ def test_model_without_unet_cross_attention_is_refused_before_sampling(host, min
     # an SD3 pipeline has no A-STAR Text Encode prompt: the model's type must be the error, not the prompt
     positive = [[torch.zeros(1, 77, 32), {"pooled_output": torch.zeros(1, 32)}]]
     common = {"concepts": "cat, frog", "attention_resolution": "1/16"}
-    guidance = {"mode": "astar", "guided_steps": 2, "step_size": 20.0, "segregation_weight": 1.0,
-                "retention_weight": 1.0, "binarization": "fraction", "mask_fraction": 0.5, "smoothing": True,
-                "refine": False, "refine_thresholds": "", "max_refine_iters": 20}
+    guidance = {"mode": "astar", "guidance_start": 0.0, "guidance_end": 0.5, "step_size": 20.0,
+                "segregation_weight": 1.0, "retention_weight": 1.0, "binarization": "fraction", "mask_fraction": 0.5,
+                "smoothing": True, "refine": "off", "refine_thresholds": "", "max_refine_iters": 20}
     cls = host.nodes.NODE_CLASS_MAPPINGS[node]
     with pytest.raises(ValueError) as info:
         if node == "AStarKSampler":
             cls.execute(model=model, seed=0, steps=2, cfg=7.5, sampler_name="euler", scheduler="normal",
                         positive=positive, negative=positive, latent_image={"samples": torch.zeros(1, 16, 8, 8)},
                         denoise=1.0, **common, **guidance)
-        elif node == "AStarGuider":
-            cls.execute(model=model, positive=positive, negative=positive, cfg=7.5, **common, **guidance)
+        elif node == "AStarApply":
+            cls.execute(model=model, **common, **guidance)
         else:
             cls.execute(model=model, **common)
     msg = str(info.value)
