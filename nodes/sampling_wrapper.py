@@ -67,6 +67,9 @@ class AStarSampling:
         self.recordings = recordings
         self.layout_masks = layout_masks  # [N, H, W], mask n for concept n
         self.lean = lean
+        # latent size -> the read layers a full guidance pass found, so later runs start lean (a wrong
+        # entry only costs one full pass: a pass that records other layers runs in full and re-learns)
+        self.learned_layers: dict[tuple, tuple] = {}
 
     def __call__(self, executor, guider, sigmas, extra_args, callback, noise, *args, **kwargs):
         sampler = executor.class_obj
@@ -223,6 +226,9 @@ class _GuidedRun:
                         f"this UNet has no cross-attention layer at the chosen attention resolution "
                         f"(1/{8 * 2 ** self.owner.level} of the image side); choose another resolution") from None
 
+            size = tuple(x.shape[-2:])
+            if self.passes.layers is None:
+                self.passes.layers = self.owner.learned_layers.get(size)
             threshold = refinement_threshold(position, self.previous_position, self.n_steps, config.refine_points)
             result = guided_step(x / scale, maps_fn, step_size_at(config.scale, position, self.n_steps), self.masks,
                                  config, refine_threshold=threshold, layout_masks=self._layout(x.shape[-2:]),
@@ -230,6 +236,8 @@ class _GuidedRun:
                                  label=f"step {step}")
             moved = ~result.skipped if result.iterations else torch.zeros_like(result.skipped)
             x_new = torch.where(moved.view(-1, *([1] * (x.dim() - 1))), result.latent.to(x.dtype) * scale, x)
+        if self.passes.layers is not None:
+            self.owner.learned_layers[size] = self.passes.layers
         self.previous_position = position
         self.masks = result.masks
         self.log[step] = {"losses": result.losses, "iterations": result.iterations, "trace": result.trace,
