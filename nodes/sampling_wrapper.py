@@ -208,14 +208,17 @@ class _GuidedRun:
             x = x.clone()
             sigma = sigma.clone()  # 0-d
             sigma_b = sigma.reshape(1).expand(x.shape[0])
-            scale = 1.0 / model.model_sampling.calculate_input(sigma, torch.ones((), device=x.device, dtype=x.dtype))
+            # The update is A&E's on the UNet input latent z = x * c_in (the diffusers latent):
+            # z - alpha * grad_z L is, in ComfyUI's x = z / c_in, x - alpha / c_in^2 * grad_x L. Taken on x,
+            # so the guidance pass sees exactly the latent of the sampler's model call.
+            c_in = float(model.model_sampling.calculate_input(sigma, torch.ones((), device=x.device, dtype=x.dtype)))
             options = extra_args.get("model_options", self.base_options)
             base_to = options.get("transformer_options", {})
 
-            def maps_fn(z):
+            def maps_fn(z):  # z: a latent in ComfyUI's x space
                 capture = self.passes.capture()
                 pass_options = {**options, "transformer_options": {**base_to, CAPTURES_KEY: [capture], STEP_KEY: step}}
-                x_in = self._model_input(model_k, z * scale, sigma_b, extra_args)
+                x_in = self._model_input(model_k, z, sigma_b, extra_args)
                 with saved_tensor_policy(**policy):
                     self.passes.run(capture, lambda: comfy.samplers.calc_cond_batch(
                         model, [self.positive], x_in, sigma_b, pass_options))
@@ -230,12 +233,13 @@ class _GuidedRun:
             if self.passes.layers is None:
                 self.passes.layers = self.owner.learned_layers.get(size)
             threshold = refinement_threshold(position, self.previous_position, self.n_steps, config.refine_points)
-            result = guided_step(x / scale, maps_fn, step_size_at(config.scale, position, self.n_steps), self.masks,
+            alpha = step_size_at(config.scale, position, self.n_steps) / c_in ** 2
+            result = guided_step(x, maps_fn, alpha, self.masks,
                                  config, refine_threshold=threshold, layout_masks=self._layout(x.shape[-2:]),
                                  check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
                                  label=f"step {step}")
             moved = ~result.skipped if result.iterations else torch.zeros_like(result.skipped)
-            x_new = torch.where(moved.view(-1, *([1] * (x.dim() - 1))), result.latent.to(x.dtype) * scale, x)
+            x_new = torch.where(moved.view(-1, *([1] * (x.dim() - 1))), result.latent.to(x.dtype), x)
         if self.passes.layers is not None:
             self.owner.learned_layers[size] = self.passes.layers
         self.previous_position = position
