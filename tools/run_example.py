@@ -117,6 +117,8 @@ def guidance_window(inputs: dict) -> str:
     """The guidance window of an A-STAR node's inputs, in words (with the guided steps where the node
     itself has the step count: A-STAR KSampler)."""
     start, end = inputs.get("guidance_start"), inputs.get("guidance_end")
+    if not all(isinstance(v, (int, float)) for v in (start, end)):
+        return "guidance window set by linked inputs"
     text = f"guidance window {start:g} to {end:g} of the steps"
     steps = inputs.get("steps")
     if isinstance(steps, int):
@@ -315,7 +317,7 @@ def main(argv=None) -> int:
             window = guidance_window(sampler) if sampler else "no guided steps"
             if random_weights:
                 log("NOTE: no --ckpt given, so this runs on a generated RANDOM-WEIGHT SD1.5 model "
-                    f"({ckpt}) at {args.size or small['size']} px, {args.steps or small['steps']} steps ({window}): "
+                    f"({ckpt}) at {args.size or small['size']} px, {args.steps or small['steps']} steps, {window}: "
                     "its images are noise. It shows the whole pipeline runs; for real pictures pass "
                     "--ckpt v1-5-pruned-emaonly.safetensors (or a path to any SD1.5/SDXL checkpoint).")
             log(f"running {workflow_path.name}: {len(prompt)} nodes, checkpoint {ckpt}"

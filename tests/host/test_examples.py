@@ -210,9 +210,10 @@ def test_example_runs(server, object_info, test_models, name):
     assert validate(prompt, object_info) == []
     entry = server.run(prompt, timeout=600)
     by_node, image_nodes, reports = _check_outputs(server, prompt, entry, name, SIZE, STEPS)
-    # The workflow's own window (0 to 0.5) at 3 steps: the reports say how many steps were guided.
+    # The workflow's own window (0 to 0.5) at 3 steps: each overlay report says how many steps were guided
+    # (astar_vs_plain shows no report; its A-STAR image differing from the plain one is checked below).
     expected = _guided_in_reports(prompt, reports)
-    assert expected, f"{name}: no overlay report"
+    assert len(expected) == sum(e["class_type"] == "PreviewAny" for e in prompt.values()), reports
     for nid, guided in expected.items():
         assert f"{STEPS} steps ({guided} guided)" in reports[nid], reports[nid][:400]
     if name == "astar_vs_plain":
