@@ -145,8 +145,8 @@ class _GuidedStepsRemoved(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         parser.error(f"{option_string} was replaced by --guidance-end FRACTION (and --guidance-start): the A-STAR "
                      "nodes guide the steps i with start * steps <= i < end * steps of the steps the sampler runs "
-                     "(0.5: the first half). To guide the first N of S steps use --guidance-end (N + 0.5) / S, "
-                     "e.g. the first 4 of 8 steps: --guidance-end 0.5625.")
+                     "(0.5: the first half). To guide the first N of S steps use --guidance-end N / S, "
+                     "e.g. the first 4 of 8 steps: --guidance-end 0.5.")
 
 
 def output_files(entry: dict) -> list[dict]:
@@ -260,7 +260,7 @@ def main(argv=None) -> int:
                     help="end of the guided steps, a fraction of the steps the sampler runs: steps i with "
                          "start * steps <= i < end * steps are guided (default: the workflow's, 0.5: the first "
                          "25 of 50 steps, 4 of the random-weight model's 8; 0 = record only). The first N of S "
-                         "steps: (N + 0.5) / S")
+                         "steps: N / S")
     ap.add_argument("--guided-steps", action=_GuidedStepsRemoved, help=argparse.SUPPRESS)
     ap.add_argument("--attention-resolution", choices=["1/8", "1/16", "1/32", "1/64"],
                     help="override the A-STAR nodes' attention_resolution (the random-weight mini model "

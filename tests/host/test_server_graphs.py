@@ -66,7 +66,7 @@ def test_lora_and_controlnet_with_astar_ksampler(server, mini_ckpt, lora_and_con
 APPLY_STEPS, APPLY_GUIDED, APPLY_SEED = 3, 2, 31
 
 
-def _latent(server, entry, node="latent"):
+def _latent(server, entry, node="saved_latent"):
     """The latent a SaveLatent node wrote, read back through /view (works with COMFYUI_URL too)."""
     import safetensors.torch
     meta = entry["outputs"][node]["latents"][0]
@@ -105,7 +105,7 @@ def _sampler_graph(ckpt, sampler):
         g["sampler"] = {"class_type": "SamplerCustomAdvanced", "inputs": {
             "noise": ["noise", 0], "guider": ["guider", 0], "sampler": ["select", 0], "sigmas": ["sigmas", 0],
             "latent_image": ks["latent_image"]}}
-    g["latent"] = {"class_type": "SaveLatent", "inputs": {"samples": ["sampler", 0], "filename_prefix": "astar_apply"}}
+    g["saved_latent"] = {"class_type": "SaveLatent", "inputs": {"samples": ["sampler", 0], "filename_prefix": "astar_apply"}}
     source = ["apply", 1] if apply else (["sampler", 1] if stock == "AStarKSampler" else None)
     if source:
         g["overlay"] = _overlay(source)
