@@ -1,7 +1,9 @@
 """Overhead of A-STAR guidance against plain sampling, beside Attend-and-Excite (ours and diffusers').
 
 One run times, at equal settings (exact SD1.5 or SDXL-base layout with random weights, same prompt,
-seed, cfg, steps, guided steps, no refinement), with interleaved repetitions:
+seed, cfg, steps, guided steps, no refinement), with interleaved repetitions. The A-STAR nodes guide the
+steps i < guidance_end * steps (window 0 to --guidance-end, default 0.5: 25 of 50 steps); diffusers' A&E
+pipeline guides as many (max_iter_to_alter):
 
   comfy_plain   stock KSampler                               } ComfyUI graphs run by the real
   comfy_astar   A-STAR KSampler, mode astar                  } executor (tests/support/host.py
@@ -15,7 +17,7 @@ CPU keeps the loaded model at about 8 GB instead of 14 GB.
 
 Every timed run is its own fresh subprocess, so wall time, CPU time and peak memory of one
 configuration never include another's. In each: load the model (not timed), an identical warm-up
-(ComfyUI: an A-STAR KSampler run of 1 step, 1 guided, at 64 px, which loads the UNet and converts
+(ComfyUI: an A-STAR KSampler run of 1 step, guided, at 64 px, which loads the UNet and converts
 its weights for autograd once, as the first A-STAR run after loading does; diffusers: a 1-step run
 of the same pipeline at 64 px), then the peak-memory counter is reset (CPU: /proc/self/clear_refs
 resets VmHWM to the current RSS; GPU: torch.cuda.reset_peak_memory_stats) and the timed run
@@ -24,8 +26,8 @@ components run measures, inside one guidance step, a cond-only UNet forward (bat
 a full guidance pass (forward + gradient w.r.t. the latent) and the lean pass (forward stopped
 after the last recorded layer), and whether their gradients are bitwise equal.
 
-  python benchmarks/bench_overhead.py                       # CPU: 50 steps, 25 guided, 256 px
-  python benchmarks/bench_overhead.py --steps 4 --guided 2 --size 64 --reps 1 --name smoke
+  python benchmarks/bench_overhead.py                       # CPU: 50 steps, 25 guided (0 to 0.5), 256 px
+  python benchmarks/bench_overhead.py --steps 4 --guidance-end 0.5 --size 64 --reps 1 --name smoke
   python benchmarks/bench_overhead.py --device cuda         # GPU: 512 px
   python benchmarks/bench_overhead.py --device cuda --model sdxl   # GPU: SDXL base at 1024 px
 
@@ -122,13 +124,18 @@ def _comfy_host(a, work: Path):
     return hosts, hosts.InProcessHost(work, cpu=(a.device == "cpu"), fp16_unet=(a.model == "sdxl"))
 
 
-def _graph(a, kind: str, size: int, steps: int, guided: int, seed: int = SEED):
+def guided_count(steps: int, guidance_end: float) -> int:
+    """Steps the A-STAR nodes guide with the window 0 to guidance_end: i < guidance_end * steps."""
+    return sum(1 for i in range(steps) if i < guidance_end * steps)
+
+
+def _graph(a, kind: str, size: int, steps: int, guidance_end: float, seed: int = SEED):
     from support.graphs import sd15_graph  # SD1.5 and SDXL graphs are the same nodes
     sampler = "KSampler" if kind == "comfy_plain" else "AStarKSampler"
     mode = "attend_excite" if kind == "comfy_ae" else "astar"
     g = sd15_graph(CKPTS[a.model], sampler=sampler, prompt=PROMPT, negative=NEGATIVE, concepts=CONCEPTS, size=size, steps=steps,
-                   seed=seed, cfg=CFG, sampler_name="euler", scheduler="normal", guided_steps=guided,
-                   resolution="1/32", mode=mode, step_size=STEP_SIZE, decode=False, refine=False)
+                   seed=seed, cfg=CFG, sampler_name="euler", scheduler="normal", resolution="1/32", mode=mode,
+                   step_size=STEP_SIZE, decode=False, guidance_start=0.0, guidance_end=guidance_end, refine="off")
     g["out"] = {"class_type": "PreviewAny", "inputs": {"source": ["sampler", 0]}}
     return g
 
@@ -136,7 +143,7 @@ def _graph(a, kind: str, size: int, steps: int, guided: int, seed: int = SEED):
 def _instrument(hosts):
     """Counts guidance passes (full/lean), times make_autograd_safe and keeps each pass's saved-tensor
     stats, without changing behaviour."""
-    guided = hosts.pack_module("nodes.guided")
+    guided = hosts.pack_module("nodes.sampling_wrapper")
     stats = {"passes": [], "autograd_safe": [], "saved": []}
     real_policy = guided.saved_tensor_policy
 
@@ -164,24 +171,36 @@ def _instrument(hosts):
     return stats
 
 
+def _untruncated(hosts) -> None:
+    """Every guidance pass in full: the A-STAR nodes build their sampling wrapper with lean=False."""
+    inputs = hosts.pack_module("nodes.guidance_inputs")
+    lean_sampling = inputs.AStarSampling
+
+    class FullPassSampling(lean_sampling):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "lean": False})
+
+    inputs.AStarSampling = FullPassSampling
+
+
 def comfy_worker(kind: str, a) -> dict:
     import torch
     with tempfile.TemporaryDirectory(prefix="astar-bench-") as tmp:
         hosts, host = _comfy_host(a, Path(tmp))
         if kind == "comfy_astar_untruncated":
-            hosts.pack_module("attention.capture").GuidancePasses.enabled = False
+            _untruncated(hosts)
         if kind == "comfy_astar_keep_casts":
-            guided, policy = hosts.pack_module("nodes.guided"), hosts.pack_module("attention.saved_tensors")
+            guided, policy = hosts.pack_module("nodes.sampling_wrapper"), hosts.pack_module("attention.saved_tensors")
             guided.saved_tensor_policy = lambda recast_weight_casts, copy_others: \
                 policy.saved_tensor_policy(False, copy_others)
         stats = _instrument(hosts)
         t = time.perf_counter()
-        host.run(_graph(a, "comfy_astar", WARMUP_SIZE, 1, 1, seed=SEED + 1))  # loads everything; identical for every config
+        host.run(_graph(a, "comfy_astar", WARMUP_SIZE, 1, 1.0, seed=SEED + 1))  # loads everything; identical for every config
         warmup_s = time.perf_counter() - t
         first_safe = list(stats["autograd_safe"])
         stats["passes"].clear(), stats["autograd_safe"].clear(), stats["saved"].clear()
         with Meter(a.device) as m:
-            host.run(_graph(a, kind, a.size, a.steps, a.guided))
+            host.run(_graph(a, kind, a.size, a.steps, a.guidance_end))
         out = dict(m.result, warmup_s=warmup_s, torch_threads=torch.get_num_threads())
         out["autograd_safe_first_call"] = {"seconds": sum(s for s, _ in first_safe),
                                            "tensors_replaced": sum(n for _, n in first_safe)}
@@ -206,10 +225,10 @@ def components_worker(a) -> dict:
     import torch
     with tempfile.TemporaryDirectory(prefix="astar-bench-") as tmp:
         hosts, host = _comfy_host(a, Path(tmp))
-        guided = hosts.pack_module("nodes.guided")
-        capture = hosts.pack_module("attention.capture")
+        guided = hosts.pack_module("nodes.sampling_wrapper")
         guidance = hosts.pack_module("attention.guidance")
-        host.run(_graph(a, "comfy_astar", WARMUP_SIZE, 1, 1, seed=SEED + 1))
+        stats = _instrument(hosts)  # the run's GuidancePasses, whose lean switch each timed pass sets
+        host.run(_graph(a, "comfy_astar", WARMUP_SIZE, 1, 1.0, seed=SEED + 1))
         times = {"forward_cond_nograd": [], "guidance_pass_full": [], "guidance_pass_lean": []}
         grads = {}
         real_step = guided.guided_step
@@ -219,7 +238,8 @@ def components_worker(a) -> dict:
                 torch.cuda.synchronize()
 
         def one(z, maps_fn, prev, config, lean, grad):
-            capture.GuidancePasses.enabled = lean
+            passes = stats["passes"][-1]  # the current run's
+            passes.lean = lean
             try:
                 sync()
                 t = time.perf_counter()
@@ -236,9 +256,9 @@ def components_worker(a) -> dict:
                 sync()
                 return time.perf_counter() - t, g
             finally:
-                capture.GuidancePasses.enabled = True
+                passes.lean = True
 
-        def spy(z, maps_fn, step_index, step_size, prev_masks, config, **kw):
+        def spy(z, maps_fn, step_size, prev_masks, config, **kw):
             one(z, maps_fn, prev_masks, config, lean=False, grad=True)  # warm this size up, learn layers
             for _ in range(a.component_reps):
                 times["forward_cond_nograd"].append(one(z, maps_fn, prev_masks, config, False, False)[0])
@@ -246,10 +266,10 @@ def components_worker(a) -> dict:
                 times["guidance_pass_full"].append(t)
                 t, grads["lean"] = one(z, maps_fn, prev_masks, config, True, True)
                 times["guidance_pass_lean"].append(t)
-            return real_step(z, maps_fn, step_index, step_size, prev_masks, config, **kw)
+            return real_step(z, maps_fn, step_size, prev_masks, config, **kw)
 
         guided.guided_step = spy
-        host.run(_graph(a, "comfy_astar", a.size, 1, 1))
+        host.run(_graph(a, "comfy_astar", a.size, 1, 1.0))
         med = {k: statistics.median(v) for k, v in times.items()}
         fwd = med["forward_cond_nograd"]
         return {"seconds": times, "median_s": med,
@@ -384,7 +404,7 @@ def spawn(config: str, a, log) -> dict:
     with tempfile.NamedTemporaryFile("r", suffix=".json", delete=False) as f:
         path = f.name
     cmd = [sys.executable, __file__, "--worker", config, "--worker-out", path, "--device", a.device, "--model", a.model,
-           "--size", str(a.size), "--steps", str(a.steps), "--guided", str(a.guided),
+           "--size", str(a.size), "--steps", str(a.steps), "--guidance-end", repr(a.guidance_end),
            "--component-reps", str(a.component_reps)] + (["--threads", str(a.threads)] if a.threads else [])
     t = time.perf_counter()
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads)} if a.threads else {}))
@@ -503,6 +523,7 @@ def orchestrate(a) -> None:
                 summary = summarize({c2: v for c2, v in runs.items() if v}, [c2 for c2 in configs if runs[c2]], a)
                 doc = {"benchmark": "bench_overhead", "machine": info,
                        "settings": {"device": a.device, "model": a.model, "size_px": a.size, "steps": a.steps, "guided_steps": a.guided,
+                                    "guidance_window": [0.0, a.guidance_end],
                                     "refinement": False, "cfg": CFG, "seed": SEED, "step_size": STEP_SIZE,
                                     "prompt": PROMPT, "concepts": CONCEPTS, "comfy_sampler": "euler/normal",
                                     "comfy_attention_resolution": "1/32", "comfy_checkpoint": f"{CKPTS[a.model]} (exact {a.model} layout, random weights"
@@ -523,6 +544,13 @@ def orchestrate(a) -> None:
     print(f"wrote {out_json}")
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value:g}: give a fraction of the steps, 0 to 1")
+    return value
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -531,7 +559,9 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=None,
                     help="image side in px (default 256 on CPU; on cuda 512 for sd15, 1024 for sdxl)")
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--guided", type=int, default=25)
+    ap.add_argument("--guidance-end", type=_fraction, default=0.5, metavar="FRACTION",
+                    help="A-STAR guides steps i < FRACTION * steps (window 0 to FRACTION of the steps; default "
+                         "%(default)s: 25 of 50); diffusers' A&E pipeline guides as many (max_iter_to_alter)")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--component-reps", type=int, default=3, help="reps of the in-step components run (0: skip it)")
     ap.add_argument("--configs", nargs="+", default=None, help="default: all of the model's configurations")
@@ -549,6 +579,7 @@ def main(argv=None):
     a.size = a.size or DEFAULT_SIZES[a.device, a.model]
     a.name = a.name or f"{a.device}-{a.model}-{a.size}px-{a.steps}steps"
     a.configs = a.configs or list(DEFAULT_CONFIGS[a.model])
+    a.guided = guided_count(a.steps, a.guidance_end)
     if a.worker is None:
         return orchestrate(a)
     if a.threads:

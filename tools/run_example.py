@@ -15,7 +15,12 @@ through /view into --out (default ./out/), then prints the list and the overlay'
 Without --ckpt it runs on the generated random-weight mini SD1.5 checkpoint (built once, cached;
 tests/support/models.py) at a small size and few steps, so it finishes in a minute or two on a
 CPU. Random weights make noise images: that run shows the pipeline works, not what A-STAR does.
-With --ckpt the workflow runs with its own settings (512 px, 50 steps, 25 guided for SD1.5).
+With --ckpt the workflow runs with its own settings (SD1.5: 512 px, 50 steps, guidance_start 0 and
+guidance_end 0.5, so the first 25 steps are guided).
+
+The A-STAR nodes (A-STAR KSampler, A-STAR Apply) set the guided steps as a window of fractions of the
+steps the sampler runs: step i is guided when start * steps <= i < end * steps. The window scales with
+--steps (0 to 0.5 of 8 steps guides the first 4); --guidance-start / --guidance-end override it.
 """
 from __future__ import annotations
 
@@ -42,13 +47,14 @@ MINI_CKPT = "astar-test-sd15-mini.safetensors"      # the test suite's name: one
 MINI_LORA = "sd15-lora-mini-s0-v1.safetensors"       # tests/support/models.py cache names
 MINI_CONTROLNET = "sd15-controlnet-mini-s0-v1.safetensors"
 # The small run on the random-weight model: a minute or two on 2 CPU cores.
-SMALL = {"size": 256, "steps": 8, "guided_steps": 4, "attention_resolution": "1/16"}
+# The workflows' guidance window (fractions of the steps) is kept: 0 to 0.5 of 8 steps guides 4.
+SMALL = {"size": 256, "steps": 8, "attention_resolution": "1/16"}
 
 MODEL_CHOICES = (("CheckpointLoaderSimple", "ckpt_name", "--ckpt"), ("LoraLoader", "lora_name", "--lora"),
                  ("ControlNetLoader", "control_net_name", "--controlnet"))
 SAMPLERS = ("KSampler", "KSamplerAdvanced", "AStarKSampler", "BasicScheduler")
-GUIDED = ("AStarKSampler", "AStarGuider")
-RESOLUTION_NODES = ("AStarKSampler", "AStarGuider", "AStarAttentionRecorder")
+GUIDED = ("AStarKSampler", "AStarApply")  # nodes with the guidance window
+RESOLUTION_NODES = GUIDED + ("AStarAttentionRecorder",)
 # Pixel-size inputs scaled with the latent (the ControlNet hint drawn with core nodes).
 SIZE_INPUTS = {"EmptyLatentImage": ("width", "height"), "EmptyImage": ("width", "height"),
                "SolidMask": ("width", "height"), "MaskComposite": ("x", "y"),
@@ -61,14 +67,18 @@ def log(msg: str) -> None:
 
 def adapt_prompt(prompt: dict, *, ckpt: str | None = None, lora: str | None = None,
                  controlnet: str | None = None, size: int | None = None, steps: int | None = None,
-                 guided_steps: int | None = None, attention_resolution: str | None = None,
-                 seed: int | None = None) -> dict:
+                 guidance_start: float | None = None, guidance_end: float | None = None,
+                 attention_resolution: str | None = None, seed: int | None = None) -> dict:
     """A copy of an API prompt with model files and sizes replaced (None keeps the workflow's).
 
     ``size`` sets the latent's width and height and scales the other pixel sizes (hint images and
     masks drawn with core nodes) by the same factor; ``steps`` sets every sampler's and scheduler's
-    steps; ``guided_steps`` the A-STAR nodes' guided steps (at most ``steps``); ``seed`` every
-    sampler's seed and RandomNoise's noise_seed."""
+    steps; ``guidance_start`` / ``guidance_end`` the A-STAR nodes' guidance window (fractions of the
+    steps their sampler runs, so a workflow's window scales with ``steps``); ``seed`` every sampler's
+    seed and RandomNoise's noise_seed."""
+    for name, value in (("guidance_start", guidance_start), ("guidance_end", guidance_end)):
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} is a fraction of the steps the sampler runs, 0 to 1; got {value!r}")
     out = json.loads(json.dumps(prompt))
     nodes = out.values()
     latent_w = [n["inputs"].get("width") for n in nodes if n["class_type"] == "EmptyLatentImage"]
@@ -90,11 +100,10 @@ def adapt_prompt(prompt: dict, *, ckpt: str | None = None, lora: str | None = No
                         inp[key] = max(1 if key in ("width", "height") else 0, round(inp[key] * scale))
         if steps and ct in SAMPLERS and isinstance(inp.get("steps"), int):
             inp["steps"] = steps
-        if ct in GUIDED and isinstance(inp.get("guided_steps"), int):
-            if guided_steps is not None:
-                inp["guided_steps"] = guided_steps
-            if steps:
-                inp["guided_steps"] = min(inp["guided_steps"], steps)
+        if ct in GUIDED:
+            for key, value in (("guidance_start", guidance_start), ("guidance_end", guidance_end)):
+                if value is not None:
+                    inp[key] = value
         if seed is not None:
             for key in ("seed", "noise_seed"):
                 if isinstance(inp.get(key), int) and not isinstance(inp.get(key), bool):
@@ -102,6 +111,42 @@ def adapt_prompt(prompt: dict, *, ckpt: str | None = None, lora: str | None = No
         if attention_resolution and ct in RESOLUTION_NODES:
             inp["attention_resolution"] = attention_resolution
     return out
+
+
+def guidance_window(inputs: dict) -> str:
+    """The guidance window of an A-STAR node's inputs, in words (with the guided steps where the node
+    itself has the step count: A-STAR KSampler)."""
+    start, end = inputs.get("guidance_start"), inputs.get("guidance_end")
+    if not all(isinstance(v, (int, float)) for v in (start, end)):
+        return "guidance window set by linked inputs"
+    text = f"guidance window {start:g} to {end:g} of the steps"
+    steps = inputs.get("steps")
+    if isinstance(steps, int):
+        guided = [i for i in range(steps) if start * steps <= i < end * steps]  # attention/schedule.py in_window
+        text += f" ({len(guided)} of {steps} guided" + (f": steps {guided[0]}-{guided[-1]})" if guided else ")")
+    return text
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a fraction of the steps, 0 to 1") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value:g} is not a fraction of the steps: give 0 to 1 (0.5 = the first "
+                                         "half of the steps the sampler runs)")
+    return value
+
+
+class _GuidedStepsRemoved(argparse.Action):
+    """--guided-steps N of earlier versions: the A-STAR nodes now take a window of fractions."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} was replaced by --guidance-end FRACTION (and --guidance-start): the A-STAR "
+                     "nodes guide the steps i with start * steps <= i < end * steps of the steps the sampler runs "
+                     "(0.5: the first half). To guide the first N of S steps use --guidance-end N / S, "
+                     "e.g. the first 4 of 8 steps: --guidance-end 0.5.")
 
 
 def output_files(entry: dict) -> list[dict]:
@@ -208,8 +253,15 @@ def main(argv=None) -> int:
                                              f"{SMALL['size']} on the random-weight model)")
     ap.add_argument("--steps", type=int, help=f"sampling steps (default: the workflow's; {SMALL['steps']} on the "
                                               "random-weight model)")
-    ap.add_argument("--guided-steps", type=int, help="A-STAR guided steps (default: the workflow's; "
-                                                     f"{SMALL['guided_steps']} on the random-weight model)")
+    ap.add_argument("--guidance-start", type=fraction, metavar="FRACTION",
+                    help="first guided step of the A-STAR nodes, as a fraction of the steps the sampler runs "
+                         "(default: the workflow's, 0)")
+    ap.add_argument("--guidance-end", type=fraction, metavar="FRACTION",
+                    help="end of the guided steps, a fraction of the steps the sampler runs: steps i with "
+                         "start * steps <= i < end * steps are guided (default: the workflow's, 0.5: the first "
+                         "25 of 50 steps, 4 of the random-weight model's 8; 0 = record only). The first N of S "
+                         "steps: N / S")
+    ap.add_argument("--guided-steps", action=_GuidedStepsRemoved, help=argparse.SUPPRESS)
     ap.add_argument("--attention-resolution", choices=["1/8", "1/16", "1/32", "1/64"],
                     help="override the A-STAR nodes' attention_resolution (the random-weight mini model "
                          "only has 1/16 layers, so that is its default)")
@@ -252,7 +304,7 @@ def main(argv=None) -> int:
             prompt = adapt_prompt(
                 prompt, ckpt=ckpt, lora=lora, controlnet=controlnet,
                 size=args.size or small.get("size"), steps=args.steps or small.get("steps"),
-                guided_steps=args.guided_steps if args.guided_steps is not None else small.get("guided_steps"),
+                guidance_start=args.guidance_start, guidance_end=args.guidance_end,
                 attention_resolution=args.attention_resolution or small.get("attention_resolution"))
             for node_type, field, flag in MODEL_CHOICES:
                 for entry in prompt.values():
@@ -261,14 +313,15 @@ def main(argv=None) -> int:
             problems = validate(prompt, object_info)
             if problems:
                 raise SystemExit("error: the converted workflow does not fit this server:\n  " + "\n  ".join(problems))
+            sampler = next((n["inputs"] for n in prompt.values() if n["class_type"] in GUIDED), {})
+            window = guidance_window(sampler) if sampler else "no guided steps"
             if random_weights:
                 log("NOTE: no --ckpt given, so this runs on a generated RANDOM-WEIGHT SD1.5 model "
-                    f"({ckpt}) at {small['size']} px, {small['steps']} steps ({small['guided_steps']} guided): "
+                    f"({ckpt}) at {args.size or small['size']} px, {args.steps or small['steps']} steps, {window}: "
                     "its images are noise. It shows the whole pipeline runs; for real pictures pass "
                     "--ckpt v1-5-pruned-emaonly.safetensors (or a path to any SD1.5/SDXL checkpoint).")
-            sampler = next((n["inputs"] for n in prompt.values() if n["class_type"] in GUIDED), {})
             log(f"running {workflow_path.name}: {len(prompt)} nodes, checkpoint {ckpt}"
-                + (f", concepts {sampler.get('concepts')!r}, {sampler.get('guided_steps')} guided steps" if sampler else ""))
+                + (f", concepts {sampler.get('concepts')!r}, {window}" if sampler else ""))
             t_run = time.time()
             try:
                 entry = server.run(prompt, timeout=args.timeout)

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from support import host as hosts
+from support.graphs import window_end
+from tools.run_example import texts
 from tools.workflow_to_api import convert, widget_inputs
 
 EXAMPLES_DIR = hosts.PACK_DIR / "example_workflows"
@@ -207,8 +209,9 @@ def _set_widget(node: dict, name: str, value, object_info) -> None:
 
 
 def test_queue_from_the_page(page, server, object_info, mini_ckpt):
-    """astar_sd15 with the mini checkpoint at 64 px, queued with the page's own Queue (app.queuePrompt):
-    the run succeeds, the history has its images and the page shows them on the Save Image nodes."""
+    """astar_sd15 with the mini checkpoint at 64 px, 3 steps of which the first 2 guided, queued with the page's
+    own Queue (app.queuePrompt): the run succeeds, the history has its images and the page shows them on the
+    Save Image nodes."""
     workflow = json.loads((EXAMPLES_DIR / "astar_sd15.json").read_text(encoding="utf-8"))
     for node in workflow["nodes"]:
         if node["type"] == "CheckpointLoaderSimple":
@@ -217,7 +220,8 @@ def test_queue_from_the_page(page, server, object_info, mini_ckpt):
             _set_widget(node, "width", 64, object_info)
             _set_widget(node, "height", 64, object_info)
         elif node["type"] == "AStarKSampler":
-            for key, value in (("steps", 3), ("guided_steps", 2), ("attention_resolution", "1/16"), ("seed", 4242)):
+            for key, value in (("steps", 3), ("guidance_end", window_end(2, 3)), ("attention_resolution", "1/16"),
+                               ("seed", 4242)):
                 _set_widget(node, key, value, object_info)
     report = page.load(workflow, "astar_sd15_queued")
     assert not report["missing_reported"] and not report["console_errors"], report
@@ -237,6 +241,8 @@ def test_queue_from_the_page(page, server, object_info, mini_ckpt):
     assert entry["status"]["status_str"] == "success", entry["status"]
     save_ids = [str(n["id"]) for n in workflow["nodes"] if n["type"] == "SaveImage"]
     assert all(entry["outputs"].get(nid, {}).get("images") for nid in save_ids), entry["outputs"].keys()
+    reports = list(texts(entry).values())  # the widgets set on the page are the ones that ran
+    assert len(reports) == 1 and "3 steps (2 guided)" in reports[0], reports
     main_save = next(str(n["id"]) for n in workflow["nodes"]
                      if n["type"] == "SaveImage" and n["widgets_values"][0] == "astar/sd15")
     filename = entry["outputs"][main_save]["images"][0]["filename"]

@@ -8,14 +8,17 @@ import json
 import pytest
 
 from support import host as hosts
-from tools.run_example import MINI_CONTROLNET, MINI_LORA, adapt_prompt, output_files, texts, view_url
+from tools.run_example import (MINI_CONTROLNET, MINI_LORA, adapt_prompt, guidance_window, main as run_example_main,
+                               output_files, texts, view_url)
 from tools.workflow_to_api import (MODEL_FILE_INPUTS, ConversionError, UnknownNodeTypes, convert,
                                    missing_required_inputs, validate, widget_inputs)
 
 EXAMPLES_DIR = hosts.PACK_DIR / "example_workflows"
 EXAMPLES = sorted(p.stem for p in EXAMPLES_DIR.glob("*.json"))
 EXPECTED = {"astar_sd15", "astar_vs_plain", "astar_lora", "astar_controlnet", "astar_sdxl", "astar_custom_sampler",
-            "record_only"}
+            "astar_apply_ksampler_advanced", "record_only"}
+GUIDING = ("AStarKSampler", "AStarApply")  # the nodes with the guidance window
+# The examples' window is 0 to 0.5 of the steps the sampler runs: of 3 steps, steps 0 and 1 (i < 1.5).
 SIZE, STEPS, GUIDED = 64, 3, 2
 CONCEPTS = 2  # "cat, frog" in every example
 TIMELINE_CELL = 64  # pixels per recorded step in the overlay's timeline (nodes/overlay.py)
@@ -70,26 +73,63 @@ def test_example_converts_and_validates(object_info, name):
     assert not missing_required_inputs(prompt, object_info)
     assert validate(prompt, object_info, ignore_values=MODEL_FILE_INPUTS) == []
     kinds = {e["class_type"] for e in prompt.values()}
-    assert kinds & {"AStarKSampler", "AStarGuider", "AStarAttentionRecorder"}, kinds
+    assert kinds & {*GUIDING, "AStarAttentionRecorder"}, kinds
     assert "AStarAttentionOverlay" in kinds and "AStarTextEncode" in kinds
     for e in prompt.values():
-        if e["class_type"] in ("AStarKSampler", "AStarGuider", "AStarAttentionRecorder"):
+        if e["class_type"] in (*GUIDING, "AStarAttentionRecorder"):
             assert e["inputs"]["concepts"] == "cat, frog"
+        if e["class_type"] in GUIDING:  # A&E's defaults: the first half of the steps, refinement as the mode says
+            assert (e["inputs"]["guidance_start"], e["inputs"]["guidance_end"], e["inputs"]["refine"],
+                    e["inputs"]["refine_thresholds"]) == (0.0, 0.5, "auto", "0:0.05, 0.2:0.5, 0.4:0.8"), e
         if e["class_type"] == "AStarTextEncode":
             assert e["inputs"]["text"] == "a cat and a frog"
 
 
-def test_sd15_example_settings(object_info):
-    """astar_sd15 keeps the paper's set-up: 512 px, 50 steps with 25 guided, attention at 1/32."""
-    prompt = convert(load("astar_sd15"), object_info)
+def _by_type(prompt) -> dict[str, list[dict]]:
     by_type = {}
     for e in prompt.values():
         by_type.setdefault(e["class_type"], []).append(e["inputs"])
+    return by_type
+
+
+def test_sd15_example_settings(object_info):
+    """astar_sd15 keeps the paper's set-up: 512 px, 50 steps of which the window 0 to 0.5 guides the
+    first 25 (steps 0-24), attention at 1/32, mode astar."""
+    by_type = _by_type(convert(load("astar_sd15"), object_info))
     ks = by_type["AStarKSampler"][0]
-    assert (ks["steps"], ks["guided_steps"], ks["attention_resolution"], ks["mode"]) == (50, 25, "1/32", "astar")
+    assert (ks["steps"], ks["guidance_start"], ks["guidance_end"], ks["attention_resolution"], ks["mode"]) == \
+        (50, 0.0, 0.5, "1/32", "astar")
+    assert guidance_window(ks).endswith("(25 of 50 guided: steps 0-24)")
     assert by_type["EmptyLatentImage"][0]["width"] == by_type["EmptyLatentImage"][0]["height"] == 512
     assert by_type["CheckpointLoaderSimple"][0]["ckpt_name"] == "v1-5-pruned-emaonly.safetensors"
     assert len(by_type["SaveImage"]) == 6  # the image and the overlay's five pictures
+
+
+def test_apply_examples_wire_the_patched_model_into_stock_samplers(object_info):
+    """astar_apply_ksampler_advanced: A-STAR Apply's MODEL runs in the stock KSamplerAdvanced over its whole
+    schedule (50 steps, 0 to 10000, noise added, none left over), the overlay reads the Apply's runs.
+    astar_custom_sampler: A-STAR Apply -> CFGGuider -> SamplerCustomAdvanced, 50 karras sigmas."""
+    prompt = convert(load("astar_apply_ksampler_advanced"), object_info)
+    apply_id = next(nid for nid, e in prompt.items() if e["class_type"] == "AStarApply")
+    ksa = next(e["inputs"] for e in prompt.values() if e["class_type"] == "KSamplerAdvanced")
+    assert ksa["model"] == [apply_id, 0]
+    assert (ksa["steps"], ksa["start_at_step"], ksa["end_at_step"], ksa["add_noise"],
+            ksa["return_with_leftover_noise"]) == (50, 0, 10000, "enable", "disable")
+    overlay = next(e["inputs"] for e in prompt.values() if e["class_type"] == "AStarAttentionOverlay")
+    assert overlay["attention"] == [apply_id, 1] and overlay["run"] == -1
+    assert prompt[overlay["image"][0]]["inputs"]["samples"][0] == next(
+        nid for nid, e in prompt.items() if e["class_type"] == "KSamplerAdvanced"), "the overlay must follow the sampler"
+
+    prompt = convert(load("astar_custom_sampler"), object_info)
+    assert "AStarGuider" not in {e["class_type"] for e in prompt.values()}
+    apply_id = next(nid for nid, e in prompt.items() if e["class_type"] == "AStarApply")
+    guider_id = next(nid for nid, e in prompt.items() if e["class_type"] == "CFGGuider")
+    assert prompt[guider_id]["inputs"]["model"] == [apply_id, 0]
+    sca = next(e["inputs"] for e in prompt.values() if e["class_type"] == "SamplerCustomAdvanced")
+    assert sca["guider"] == [guider_id, 0]
+    assert {prompt[sca[k][0]]["class_type"] for k in ("noise", "sampler", "sigmas", "latent_image")} == \
+        {"RandomNoise", "KSamplerSelect", "BasicScheduler", "EmptyLatentImage"}
+    assert _by_type(prompt)["BasicScheduler"][0]["steps"] == 50
 
 
 def test_sdxl_example_settings(object_info):
@@ -149,17 +189,33 @@ def _check_outputs(server, prompt, entry, name, size, steps):
     return by_node, image_nodes, reports
 
 
+def _guided_in_reports(prompt, reports) -> dict[str, int]:
+    """{report node: guided steps it expects}: the runs of a Recorder have none, the others GUIDED."""
+    out = {}
+    for nid in reports:
+        overlay, _ = prompt[nid]["inputs"]["source"]
+        origin = prompt[prompt[overlay]["inputs"]["attention"][0]]["class_type"]
+        out[nid] = 0 if origin == "AStarAttentionRecorder" else GUIDED
+    return out
+
+
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_example_runs(server, object_info, test_models, name):
     """The example, with the test models and a small size, runs through the server and every
     image node saves what it should (SDXL's graph on the mini SD1.5 model here; on an SDXL
     checkpoint in test_sdxl_example_runs_on_sdxl)."""
     prompt = adapt_prompt(convert(load(name), object_info), ckpt=test_models["ckpt"], lora=test_models["lora"],
-                          controlnet=test_models["controlnet"], size=SIZE, steps=STEPS, guided_steps=GUIDED,
+                          controlnet=test_models["controlnet"], size=SIZE, steps=STEPS,
                           attention_resolution="1/16", seed=1000 + EXAMPLES.index(name))  # no cached results
     assert validate(prompt, object_info) == []
     entry = server.run(prompt, timeout=600)
-    by_node, image_nodes, _ = _check_outputs(server, prompt, entry, name, SIZE, STEPS)
+    by_node, image_nodes, reports = _check_outputs(server, prompt, entry, name, SIZE, STEPS)
+    # The workflow's own window (0 to 0.5) at 3 steps: each overlay report says how many steps were guided
+    # (astar_vs_plain shows no report; its A-STAR image differing from the plain one is checked below).
+    expected = _guided_in_reports(prompt, reports)
+    assert len(expected) == sum(e["class_type"] == "PreviewAny" for e in prompt.values()), reports
+    for nid, guided in expected.items():
+        assert f"{STEPS} steps ({guided} guided)" in reports[nid], reports[nid][:400]
     if name == "astar_vs_plain":
         decoded = {prompt[nid]["_meta"]["title"]: _pixels(server, by_node[nid][0]) for nid in image_nodes
                    if _origin(prompt, nid, "images")[0] == "VAEDecode"}
@@ -193,7 +249,7 @@ def test_sdxl_example_runs_on_sdxl(object_info, sdxl_server):
     from support import models
     models.build_sdxl_checkpoint(hosts.models_dir() / "checkpoints" / SDXL_CKPT, seed=0)
     prompt = adapt_prompt(convert(load("astar_sdxl"), object_info), ckpt=SDXL_CKPT, size=SDXL_SIZE, steps=STEPS,
-                          guided_steps=GUIDED, seed=7)
+                          seed=7)
     assert next(e for e in prompt.values() if e["class_type"] == "AStarKSampler")["inputs"][
         "attention_resolution"] == "1/32"
     assert validate(prompt, sdxl_server.get("/object_info")) == []  # the file is listed there
@@ -380,14 +436,35 @@ def test_cli_converts_with_saved_object_info(tmp_path, capsys):
 
 
 def test_adapt_prompt_scales_sizes_and_steps():
+    window = {"guidance_start": 0.0, "guidance_end": 0.5, "attention_resolution": "1/32"}
     prompt = {"1": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
               "2": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 192, "height": 224}},
               "3": {"class_type": "MaskComposite", "inputs": {"x": 40, "y": 200, "operation": "add"}},
-              "4": {"class_type": "AStarKSampler", "inputs": {"steps": 50, "guided_steps": 25,
-                                                              "attention_resolution": "1/32"}},
-              "5": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "x"}}}
-    out = adapt_prompt(prompt, ckpt="mini", size=64, steps=3, guided_steps=2, attention_resolution="1/16")
+              "4": {"class_type": "AStarKSampler", "inputs": {"steps": 50, **window}},
+              "5": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "x"}},
+              "6": {"class_type": "AStarApply", "inputs": dict(window)},
+              "7": {"class_type": "KSamplerAdvanced", "inputs": {"model": ["6", 0], "steps": 50}}}
+    out = adapt_prompt(prompt, ckpt="mini", size=64, steps=3, attention_resolution="1/16")
     assert out["1"]["inputs"]["width"] == 64 and out["2"]["inputs"]["width"] == 24 and out["3"]["inputs"]["y"] == 25
-    assert out["4"]["inputs"] == {"steps": 3, "guided_steps": 2, "attention_resolution": "1/16"}
+    # the window is a fraction of the steps: kept, so 0 to 0.5 of 3 steps guides steps 0 and 1
+    assert out["4"]["inputs"] == {"steps": 3, "guidance_start": 0.0, "guidance_end": 0.5, "attention_resolution": "1/16"}
+    assert guidance_window(out["4"]["inputs"]) == "guidance window 0 to 0.5 of the steps (2 of 3 guided: steps 0-1)"
+    assert out["6"]["inputs"] == {"guidance_start": 0.0, "guidance_end": 0.5, "attention_resolution": "1/16"}
+    assert out["7"]["inputs"]["steps"] == 3
     assert out["5"]["inputs"]["ckpt_name"] == "mini" and prompt["5"]["inputs"]["ckpt_name"] == "x"
-    assert adapt_prompt(prompt, steps=10)["4"]["inputs"]["guided_steps"] == 10
+    narrow = adapt_prompt(prompt, guidance_start=0.25, guidance_end=0.75)
+    for nid in ("4", "6"):
+        assert (narrow[nid]["inputs"]["guidance_start"], narrow[nid]["inputs"]["guidance_end"]) == (0.25, 0.75)
+    assert guidance_window(narrow["4"]["inputs"]).endswith("(25 of 50 guided: steps 13-37)")
+    assert guidance_window({"steps": 8, "guidance_start": 0.0, "guidance_end": 0.0}).endswith("(0 of 8 guided)")
+    with pytest.raises(ValueError, match="guidance_end is a fraction"):
+        adapt_prompt(prompt, guidance_end=25)
+
+
+def test_run_example_options_for_the_window(capsys):
+    """--guidance-end takes a fraction; the removed --guided-steps says what replaced it (before any set-up)."""
+    for argv, message in ((["--guidance-end", "2"], "not a fraction"), (["--guidance-start", "x"], "not a number"),
+                          (["--guided-steps", "4"], "replaced by --guidance-end")):
+        with pytest.raises(SystemExit) as e:
+            run_example_main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err, argv

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from support import host as hosts
-from support.graphs import sd15_graph
+from support.graphs import guidance_settings, sd15_graph
 
 LORA = "astar-test-lora-mini.safetensors"
 CONTROLNET = "astar-test-controlnet-mini.safetensors"
@@ -20,6 +20,13 @@ def lora_and_controlnet(host):
     build_sd15_lora(hosts.models_dir() / "loras" / LORA, layout="mini", seed=1)
     build_sd15_controlnet(hosts.models_dir() / "controlnet" / CONTROLNET, layout="mini", seed=2)
     return LORA, CONTROLNET
+
+
+def _overlay(attention, image=("decode", 0)):
+    """A-STAR Attention Overlay of a recording (the latest run of a patched model) over the decoded image."""
+    return {"class_type": "AStarAttentionOverlay",
+            "inputs": {"attention": attention, "image": list(image), "run": -1, "step_start": 0, "step_end": -1,
+                       "layers": "", "normalization": "per_concept", "colormap": "jet", "opacity": 0.5}}
 
 
 def _image(server, entry, node="save"):
@@ -42,9 +49,7 @@ def test_lora_and_controlnet_with_astar_ksampler(server, mini_ckpt, lora_and_con
                   "inputs": {"positive": ["pos", 0], "negative": ["neg", 0], "control_net": ["cn", 0],
                              "image": ["hint", 0], "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}}
     g["sampler"]["inputs"].update({"model": ["lora", 0], "positive": ["apply", 0], "negative": ["apply", 1]})
-    g["report"] = {"class_type": "AStarAttentionOverlay",
-                   "inputs": {"attention": ["sampler", 1], "image": ["decode", 0], "step_start": 0, "step_end": -1,
-                              "layers": "", "normalization": "per_concept", "colormap": "jet", "opacity": 0.5}}
+    g["report"] = _overlay(["sampler", 1])
     g["show"] = {"class_type": "PreviewAny", "inputs": {"source": ["report", 5]}}
     entry = server.run(g)
     image = _image(server, entry)
@@ -52,3 +57,80 @@ def test_lora_and_controlnet_with_astar_ksampler(server, mini_ckpt, lora_and_con
     assert np.abs(image - plain).max() > 0, "LoRA + ControlNet changed nothing"
     report = " ".join(str(t) for t in entry["outputs"]["show"]["text"])
     assert "segregation" in report and "cat" in report and "frog" in report, report[:2000]
+
+
+# ------------------------------------------------------------------------------------------------
+# A-STAR Apply: the patched model in the stock sampler nodes
+# ------------------------------------------------------------------------------------------------
+
+APPLY_STEPS, APPLY_GUIDED, APPLY_SEED = 3, 2, 31
+
+
+def _latent(server, entry, node="saved_latent"):
+    """The latent a SaveLatent node wrote, read back through /view (works with COMFYUI_URL too)."""
+    import safetensors.torch
+    meta = entry["outputs"][node]["latents"][0]
+    data = server.get(f"/view?filename={meta['filename']}&type={meta.get('type', 'output')}"
+                      f"&subfolder={meta['subfolder']}", raw=True)
+    return safetensors.torch.load(data)["latent_tensor"]
+
+
+def _sampler_graph(ckpt, sampler):
+    """The mini checkpoint at 64 px, 3 steps, euler/normal, seed 31: `sampler` is "AStarKSampler" (A-STAR
+    KSampler, the reference), "KSampler" (stock, no A-STAR), or "Apply+KSampler", "Apply+KSamplerAdvanced",
+    "Apply+SamplerCustomAdvanced" (A-STAR Apply -> that stock node). The first 2 steps guided; the latent is
+    saved, and an overlay of the sampler's (or the Apply's latest) run reports the steps guided."""
+    apply = sampler.startswith("Apply+")
+    stock = sampler.split("+")[-1]
+    g = sd15_graph(ckpt, sampler="AStarKSampler" if stock == "AStarKSampler" else "KSampler",
+                   steps=APPLY_STEPS, guided_steps=APPLY_GUIDED, seed=APPLY_SEED)
+    ks = g["sampler"]["inputs"]
+    if apply:
+        g["apply"] = {"class_type": "AStarApply",
+                      "inputs": {"model": ["ckpt", 0], **guidance_settings(guided_steps=APPLY_GUIDED, steps=APPLY_STEPS)}}
+        ks["model"] = ["apply", 0]
+    if stock == "KSamplerAdvanced":
+        g["sampler"] = {"class_type": "KSamplerAdvanced", "inputs": {
+            "model": ks["model"], "add_noise": "enable", "noise_seed": ks["seed"], "steps": ks["steps"],
+            "cfg": ks["cfg"], "sampler_name": ks["sampler_name"], "scheduler": ks["scheduler"],
+            "positive": ks["positive"], "negative": ks["negative"], "latent_image": ks["latent_image"],
+            "start_at_step": 0, "end_at_step": 10000, "return_with_leftover_noise": "disable"}}
+    elif stock == "SamplerCustomAdvanced":
+        g["noise"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": ks["seed"]}}
+        g["guider"] = {"class_type": "CFGGuider", "inputs": {"model": ks["model"], "positive": ks["positive"],
+                                                             "negative": ks["negative"], "cfg": ks["cfg"]}}
+        g["select"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": ks["sampler_name"]}}
+        g["sigmas"] = {"class_type": "BasicScheduler", "inputs": {"model": ["ckpt", 0], "scheduler": ks["scheduler"],
+                                                                  "steps": ks["steps"], "denoise": 1.0}}
+        g["sampler"] = {"class_type": "SamplerCustomAdvanced", "inputs": {
+            "noise": ["noise", 0], "guider": ["guider", 0], "sampler": ["select", 0], "sigmas": ["sigmas", 0],
+            "latent_image": ks["latent_image"]}}
+    g["saved_latent"] = {"class_type": "SaveLatent", "inputs": {"samples": ["sampler", 0], "filename_prefix": "astar_apply"}}
+    source = ["apply", 1] if apply else (["sampler", 1] if stock == "AStarKSampler" else None)
+    if source:
+        g["overlay"] = _overlay(source)
+        g["report"] = {"class_type": "PreviewAny", "inputs": {"source": ["overlay", 5]}}
+    return g
+
+
+def test_apply_runs_in_the_stock_samplers(server, mini_ckpt):
+    """A-STAR Apply's MODEL in the stock KSampler, KSamplerAdvanced (whole schedule) and SamplerCustomAdvanced
+    (CFGGuider, same noise seed, sampler, sigmas) gives, bit for bit, the latent of A-STAR KSampler with the
+    same settings; the guidance moved it (the stock KSampler's latent differs) and each run's recording,
+    read from the Apply's attention output, has the first 2 of 3 steps guided."""
+    import torch
+    runs = {}
+    for sampler in ("AStarKSampler", "KSampler", "Apply+KSampler", "Apply+KSamplerAdvanced",
+                    "Apply+SamplerCustomAdvanced"):
+        entry = server.run(_sampler_graph(mini_ckpt, sampler))
+        report = " ".join(str(t) for t in entry["outputs"].get("report", {}).get("text", []))
+        runs[sampler] = (_latent(server, entry), report)
+    reference, report = runs.pop("AStarKSampler")
+    plain, _ = runs.pop("KSampler")
+    assert reference.shape == (1, 4, 8, 8) and torch.isfinite(reference).all()
+    assert not torch.equal(reference, plain), "the guidance changed nothing: the comparison would prove nothing"
+    assert f"{APPLY_STEPS} steps ({APPLY_GUIDED} guided)" in report, report[:500]
+    for sampler, (latent, report) in runs.items():
+        assert torch.equal(latent, reference), \
+            f"{sampler}: max |diff| {float((latent - reference).abs().max())} from A-STAR KSampler's latent"
+        assert f"{APPLY_STEPS} steps ({APPLY_GUIDED} guided)" in report, (sampler, report[:500])
