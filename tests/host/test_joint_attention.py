@@ -234,3 +234,62 @@ def test_maps_from_records_follow_the_token_layout(host, flux):
     soft = torch.softmax(100 * mean[..., keep], -1)
     want = torch.stack([soft[..., [keep.index(p) for p in g]].sum(-1) for g in layout.groups], 1).reshape(1, 2, *GRID)
     torch.testing.assert_close(maps.double(), want, rtol=1e-5, atol=1e-6)
+
+
+class GraphQKCapture(QKCapture):
+    """QKCapture that keeps q and k attached to the autograd graph."""
+
+    def __call__(self, func, *args, **kwargs):
+        heads = args[3] if len(args) > 3 else kwargs["heads"]
+        q, k = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in args[:2])
+        if q.shape[2] == self.n_txt + GRID[0] * GRID[1]:
+            self.calls.append((("joint", self.seen % self.n_blocks), q, k, [0]))
+            self.seen += 1
+        return func(*args, **kwargs)
+
+
+def test_sd35_maps_are_differentiable_to_the_latent(sd35):
+    """A guidance-style pass outside the sampler: latent with grad -> model with the hook and a
+    JointCapture sink -> concept maps -> loss; the gradient on the latent equals the one from an
+    explicit softmax of the same pass's q and k. A complete sink stops the forward (StopForward)."""
+    ja, joint, jt, tokens, capture_mod = (hosts.pack_module(m) for m in (
+        "nodes.joint_attention", "attention.joint", "nodes.joint_tokens", "attention.tokens", "attention.capture"))
+    clip = sd35["sd35_clip"]
+    with torch.inference_mode(False):
+        tokens_ = clip.tokenize(PROMPT)
+        cond = clip.encode_from_tokens_scheduled(tokens_)
+        prompt = hosts.pack_module("nodes.prompt").PromptTokens(PROMPT, tokens_, clip.tokenizer)
+        layout = jt.joint_token_layout(prompt, tokens.parse_concepts("cat, frog"), "sd3")
+        patcher = sd35["sd35"].clone()
+        qk = GraphQKCapture(n_txt=154, n_blocks=3)
+        patcher.model_options.setdefault("transformer_options", {})[ja.OVERRIDE_KEY] = qk
+        ja.add_joint_attention_hook(patcher, "joint:0, joint:2")
+        sink = joint.JointCapture(n_tokens=layout.n_tokens)
+        options = {**patcher.model_options["transformer_options"], "wrappers": patcher.wrappers,
+                   ja.SINKS_KEY: [sink], "cond_or_uncond": [0]}
+        x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        weights = torch.tensor([1.0, -2.0]).view(1, 2, 1, 1)
+        patcher.model.apply_model(x, torch.tensor([0.8]), c_crossattn=cond[0][0], y=cond[0][1]["pooled_output"],
+                                  transformer_options=options)
+        assert sink.keys == [("joint", 0), ("joint", 2)]
+        loss = (sink.concept_maps(layout.groups, layout.excluded) * weights).sum()
+        grad = torch.autograd.grad(loss, x, retain_graph=True)[0]
+
+        reference = joint.JointCapture(n_tokens=layout.n_tokens)
+        for key, q, k, _ in qk.calls:
+            if key in sink.keys:
+                reference.record(key, explicit_text_probs(q, k, 154).float(), GRID, None)
+        ref_loss = (reference.concept_maps(layout.groups, layout.excluded) * weights).sum()
+        ref_grad = torch.autograd.grad(ref_loss, x)[0]
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-6)
+    assert grad.abs().max() > 0
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-3, atol=1e-3 * ref_grad.abs().max().item())
+
+    class Complete(joint.JointCapture):
+        complete = True
+    done = Complete()
+    options[ja.SINKS_KEY] = [done]
+    with torch.no_grad(), pytest.raises(capture_mod.StopForward):
+        patcher.model.apply_model(x, torch.tensor([0.8]), c_crossattn=cond[0][0], y=cond[0][1]["pooled_output"],
+                                  transformer_options=options)
+    assert done.keys == [("joint", 0)]  # stopped right after the first recorded block
