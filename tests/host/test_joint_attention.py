@@ -66,19 +66,32 @@ def dit(host):
     objects.clear()
 
 
-@pytest.fixture(scope="module")
-def flux(dit):
+def _release(host, objects, names):
+    """Drop one family's models before the next family's are built (the machine is small)."""
+    import gc
+    import comfy.model_management
+    for name in names:
+        objects.pop(name, None)
+    host.executor.reset()
+    comfy.model_management.unload_all_models()
+    gc.collect()
+
+
+@pytest.fixture(scope="class")
+def flux(host, dit):
     D.build_flux_checkpoint(hosts.models_dir() / "checkpoints" / FLUX_FILE)
     dit["flux_clip"] = D.flux_clip(seed=0)
-    return dit
+    yield dit
+    _release(host, dit, ["flux_clip", "flux_capture", "flux_sink"])
 
 
-@pytest.fixture(scope="module")
-def sd35(dit):
+@pytest.fixture(scope="class")
+def sd35(host, dit):
     path = D.build_sd35_checkpoint(hosts.models_dir() / "dit" / "astar-test-sd35m-b3.safetensors")
     dit["sd35"] = D.load_sd35_model(path)
     dit["sd35_clip"] = D.sd35_clip(seed=0)
-    return dit
+    yield dit
+    _release(host, dit, ["sd35", "sd35_clip", "sd35_capture", "sd35_sink"])
 
 
 def graph(family, *, hook=False, blocks="", capture="", sink="", installs=1, text=PROMPT, steps=2):
@@ -129,30 +142,7 @@ def check_records(sink, capture, n_txt, blocks, steps):
     assert [r[3] for r in sink.records] == [s for s in range(steps) for _ in blocks]
 
 
-def test_flux_hook_is_bit_identical_and_records_explicit_probabilities(host, flux):
-    stock = sampled(host, graph("flux"))
-    hooked = sampled(host, graph("flux", hook=True))  # default blocks, no sink: nothing recorded
-    assert torch.equal(stock, hooked)
-    flux["flux_capture"], flux["flux_sink"] = QKCapture(n_txt=256), ListSink()
-    recorded = sampled(host, graph("flux", hook=True, blocks="double:all, single:all", capture="flux_capture",
-                                   sink="flux_sink"))
-    assert torch.equal(stock, recorded)  # recording never changes the output
-    check_records(flux["flux_sink"], flux["flux_capture"], 256, [("double", 0), ("single", 0)], steps=2)
-
-
-def test_sd35_hook_is_bit_identical_and_records_explicit_probabilities(host, sd35):
-    stock = sampled(host, graph("sd3"))
-    hooked = sampled(host, graph("sd3", hook=True, blocks="joint:all"))
-    assert torch.equal(stock, hooked)
-    # blocks 0 and 1 have SD3.5 Medium's extra image-only self-attention: its calls are not counted
-    sd35["sd35_capture"], sd35["sd35_sink"] = QKCapture(n_txt=154, n_blocks=3), ListSink()
-    recorded = sampled(host, graph("sd3", hook=True, blocks="joint:1-2", capture="sd35_capture", sink="sd35_sink",
-                                   installs=2))
-    assert torch.equal(stock, recorded)
-    check_records(sd35["sd35_sink"], sd35["sd35_capture"], 154, [("joint", 1), ("joint", 2)], steps=2)
-
-
-def test_default_blocks_and_block_errors(host, flux):
+def test_default_blocks_and_block_errors(host):
     ja = hosts.pack_module("nodes.joint_attention")
     assert ja.parse_blocks(ja.DEFAULT_BLOCKS["flux"], {"double": 19, "single": 38}) == tuple(("double", i) for i in range(19))
     assert ja.parse_blocks(ja.DEFAULT_BLOCKS["sd3"], {"joint": 24}) == tuple(("joint", i) for i in range(4, 17))
@@ -182,58 +172,63 @@ def encoded_prompt(host, family, text):
 
 def t5_positions(text, word):
     """Independent: the word's sub-tokens found in transformers' T5 tokenization of the prompt."""
+    from pathlib import Path
     from transformers import T5TokenizerFast
     import comfy.text_encoders.sd3_clip as sd3
-    from pathlib import Path
     tok = T5TokenizerFast.from_pretrained(str(Path(sd3.__file__).parent / "t5_tokenizer"))
     ids, pattern = tok(text)["input_ids"], tok(word)["input_ids"][:-1]
     start = next(i for i in range(len(ids)) if ids[i:i + len(pattern)] == pattern)
     return list(range(start, start + len(pattern))), len(ids) - 1  # positions, end token position
 
 
-def test_concept_tokens_flux_and_sd35(host, flux, sd35):
+def layout_of(host, family, concepts="cat, frog"):
     jt, tokens = hosts.pack_module("nodes.joint_tokens"), hosts.pack_module("attention.tokens")
-    specs = tokens.parse_concepts("cat, frog")
-    cond, prompt = encoded_prompt(host, "flux", PROMPT)
-    layout = jt.joint_token_layout(prompt, specs, "flux")
-    (cat, end), (frog, _) = t5_positions(PROMPT, "cat"), t5_positions(PROMPT, "frog")
-    assert layout.n_tokens == cond[0][0].shape[1] == 256
-    assert layout.groups == (tuple(cat), tuple(frog))
-    assert layout.excluded == tuple(range(end, 256))  # end token and padding
-    layout.check_context(256)
-
-    cond, prompt = encoded_prompt(host, "sd3", PROMPT)
-    layout = jt.joint_token_layout(prompt, specs, "sd3")
-    assert layout.n_tokens == cond[0][0].shape[1] == 154
-    # CLIP: start token at 0, "a cat and a frog" at 1-5, end token at 6, then padding
-    assert layout.groups == ((2,) + tuple(77 + p for p in cat), (5,) + tuple(77 + p for p in frog))
-    assert layout.excluded == (0,) + tuple(range(6, 77)) + tuple(range(77 + end, 154))
-    with pytest.raises(ValueError, match="has 154"):
-        layout.check_context(200)
-
-    for family in ("flux", "sd3"):
-        _, prompt = encoded_prompt(host, family, PROMPT)
-        with pytest.raises(ValueError, match=r"concept 'dog' is not in the prompt\. The prompt's tokens are: .*cat"):
-            jt.joint_token_layout(prompt, tokens.parse_concepts("cat, dog"), family)
+    cond, prompt = encoded_prompt(host, family, PROMPT)
+    return cond, jt.joint_token_layout(prompt, tokens.parse_concepts(concepts), family)
 
 
-def test_maps_from_records_follow_the_token_layout(host, flux):
-    """The sink of attention/joint.py turns records into concept maps over the layout's tokens."""
-    joint, jt, tokens = (hosts.pack_module(m) for m in ("attention.joint", "nodes.joint_tokens", "attention.tokens"))
-    _, prompt = encoded_prompt(host, "flux", PROMPT)
-    layout = jt.joint_token_layout(prompt, tokens.parse_concepts("cat, frog"), "flux")
-    sink = flux.get("flux_sink")  # the records of the Flux test above (same prompt)
-    if sink is None or not sink.records:
-        pytest.skip("needs the Flux recording test's records")
-    capture = joint.JointCapture(n_tokens=layout.n_tokens)
-    for key, probs, grid, step in sink.records[:2]:  # step 0: double 0 and single 0
-        capture.record(key, probs, grid, step)
-    maps = capture.concept_maps(layout.groups, layout.excluded, smoothing=False)
-    mean = (sink.records[0][1] + sink.records[1][1]).double() / 2
-    keep = [i for i in range(256) if i not in layout.excluded]
-    soft = torch.softmax(100 * mean[..., keep], -1)
-    want = torch.stack([soft[..., [keep.index(p) for p in g]].sum(-1) for g in layout.groups], 1).reshape(1, 2, *GRID)
-    torch.testing.assert_close(maps.double(), want, rtol=1e-5, atol=1e-6)
+def check_missing_word(host, family):
+    with pytest.raises(ValueError, match=r"concept 'dog' is not in the prompt\. The prompt's tokens are: .*cat"):
+        layout_of(host, family, "cat, dog")
+
+
+class TestFlux:
+    def test_hook_is_bit_identical_and_records_explicit_probabilities(self, host, flux):
+        stock = sampled(host, graph("flux"))
+        hooked = sampled(host, graph("flux", hook=True))  # default blocks, no sink: nothing recorded
+        assert torch.equal(stock, hooked)
+        flux["flux_capture"], flux["flux_sink"] = QKCapture(n_txt=256), ListSink()
+        recorded = sampled(host, graph("flux", hook=True, blocks="double:all, single:all", capture="flux_capture",
+                                       sink="flux_sink"))
+        assert torch.equal(stock, recorded)  # recording never changes the output
+        check_records(flux["flux_sink"], flux["flux_capture"], 256, [("double", 0), ("single", 0)], steps=2)
+
+    def test_concept_tokens(self, host, flux):
+        cond, layout = layout_of(host, "flux")
+        (cat, end), (frog, _) = t5_positions(PROMPT, "cat"), t5_positions(PROMPT, "frog")
+        assert layout.n_tokens == cond[0][0].shape[1] == 256
+        assert layout.groups == (tuple(cat), tuple(frog))
+        assert layout.excluded == tuple(range(end, 256))  # end token and padding
+        layout.check_context(256)
+        layout.check_context(512)  # a context ComfyUI repeated to a longer negative's length
+        check_missing_word(host, "flux")
+
+    def test_maps_from_records_follow_the_token_layout(self, host, flux):
+        """The sink of attention/joint.py turns records into concept maps over the layout's tokens."""
+        joint = hosts.pack_module("attention.joint")
+        _, layout = layout_of(host, "flux")
+        sink = flux.get("flux_sink")  # the records of the recording test above (same prompt)
+        if sink is None or not sink.records:
+            pytest.skip("needs the Flux recording test's records")
+        capture = joint.JointCapture(n_tokens=layout.n_tokens)
+        for key, probs, grid, step in sink.records[:2]:  # step 0: double 0 and single 0
+            capture.record(key, probs, grid, step)
+        maps = capture.concept_maps(layout.groups, layout.excluded, smoothing=False)
+        mean = (sink.records[0][1] + sink.records[1][1]).double() / 2
+        keep = [i for i in range(256) if i not in layout.excluded]
+        soft = torch.softmax(100 * mean[..., keep], -1)
+        want = torch.stack([soft[..., [keep.index(p) for p in g]].sum(-1) for g in layout.groups], 1)
+        torch.testing.assert_close(maps.double(), want.reshape(1, 2, *GRID), rtol=1e-5, atol=1e-6)
 
 
 class GraphQKCapture(QKCapture):
@@ -248,48 +243,74 @@ class GraphQKCapture(QKCapture):
         return func(*args, **kwargs)
 
 
-def test_sd35_maps_are_differentiable_to_the_latent(sd35):
-    """A guidance-style pass outside the sampler: latent with grad -> model with the hook and a
-    JointCapture sink -> concept maps -> loss; the gradient on the latent equals the one from an
-    explicit softmax of the same pass's q and k. A complete sink stops the forward (StopForward)."""
-    ja, joint, jt, tokens, capture_mod = (hosts.pack_module(m) for m in (
-        "nodes.joint_attention", "attention.joint", "nodes.joint_tokens", "attention.tokens", "attention.capture"))
-    clip = sd35["sd35_clip"]
-    with torch.inference_mode(False):
-        tokens_ = clip.tokenize(PROMPT)
-        cond = clip.encode_from_tokens_scheduled(tokens_)
-        prompt = hosts.pack_module("nodes.prompt").PromptTokens(PROMPT, tokens_, clip.tokenizer)
-        layout = jt.joint_token_layout(prompt, tokens.parse_concepts("cat, frog"), "sd3")
-        patcher = sd35["sd35"].clone()
-        qk = GraphQKCapture(n_txt=154, n_blocks=3)
-        patcher.model_options.setdefault("transformer_options", {})[ja.OVERRIDE_KEY] = qk
-        ja.add_joint_attention_hook(patcher, "joint:0, joint:2")
-        sink = joint.JointCapture(n_tokens=layout.n_tokens)
-        options = {**patcher.model_options["transformer_options"], "wrappers": patcher.wrappers,
-                   ja.SINKS_KEY: [sink], "cond_or_uncond": [0]}
-        x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0)).requires_grad_()
-        weights = torch.tensor([1.0, -2.0]).view(1, 2, 1, 1)
-        patcher.model.apply_model(x, torch.tensor([0.8]), c_crossattn=cond[0][0], y=cond[0][1]["pooled_output"],
-                                  transformer_options=options)
-        assert sink.keys == [("joint", 0), ("joint", 2)]
-        loss = (sink.concept_maps(layout.groups, layout.excluded) * weights).sum()
-        grad = torch.autograd.grad(loss, x, retain_graph=True)[0]
+class TestSD35:
+    def test_hook_is_bit_identical_and_records_explicit_probabilities(self, host, sd35):
+        stock = sampled(host, graph("sd3"))
+        hooked = sampled(host, graph("sd3", hook=True, blocks="joint:all"))
+        assert torch.equal(stock, hooked)
+        # blocks 0 and 1 have SD3.5 Medium's extra image-only self-attention: its calls are not counted;
+        # the hook is installed twice (the second replaces the first: no double records)
+        sd35["sd35_capture"], sd35["sd35_sink"] = QKCapture(n_txt=154, n_blocks=3), ListSink()
+        recorded = sampled(host, graph("sd3", hook=True, blocks="joint:1-2", capture="sd35_capture", sink="sd35_sink",
+                                       installs=2))
+        assert torch.equal(stock, recorded)
+        check_records(sd35["sd35_sink"], sd35["sd35_capture"], 154, [("joint", 1), ("joint", 2)], steps=2)
 
-        reference = joint.JointCapture(n_tokens=layout.n_tokens)
-        for key, q, k, _ in qk.calls:
-            if key in sink.keys:
-                reference.record(key, explicit_text_probs(q, k, 154).float(), GRID, None)
-        ref_loss = (reference.concept_maps(layout.groups, layout.excluded) * weights).sum()
-        ref_grad = torch.autograd.grad(ref_loss, x)[0]
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-6)
-    assert grad.abs().max() > 0
-    torch.testing.assert_close(grad, ref_grad, rtol=1e-3, atol=1e-3 * ref_grad.abs().max().item())
+    def test_concept_tokens(self, host, sd35):
+        cond, layout = layout_of(host, "sd3")
+        (cat, end), (frog, _) = t5_positions(PROMPT, "cat"), t5_positions(PROMPT, "frog")
+        assert layout.n_tokens == cond[0][0].shape[1] == 154
+        # CLIP: start token at 0, "a cat and a frog" at 1-5, end token at 6, then padding; T5 from 77
+        assert layout.groups == ((2,) + tuple(77 + p for p in cat), (5,) + tuple(77 + p for p in frog))
+        assert layout.excluded == (0,) + tuple(range(6, 77)) + tuple(range(77 + end, 154))
+        with pytest.raises(ValueError, match="has 154"):
+            layout.check_context(200)
+        check_missing_word(host, "sd3")
 
-    class Complete(joint.JointCapture):
-        complete = True
-    done = Complete()
-    options[ja.SINKS_KEY] = [done]
-    with torch.no_grad(), pytest.raises(capture_mod.StopForward):
-        patcher.model.apply_model(x, torch.tensor([0.8]), c_crossattn=cond[0][0], y=cond[0][1]["pooled_output"],
-                                  transformer_options=options)
-    assert done.keys == [("joint", 0)]  # stopped right after the first recorded block
+    def test_maps_are_differentiable_to_the_latent(self, sd35):
+        """A guidance-style pass outside the sampler: latent with grad -> model with the hook and a
+        JointCapture sink -> concept maps -> loss; the gradient on the latent equals the one from an
+        explicit softmax of the same pass's q and k. A complete sink stops the forward (StopForward)."""
+        ja, joint, jt, tokens, capture_mod = (hosts.pack_module(m) for m in (
+            "nodes.joint_attention", "attention.joint", "nodes.joint_tokens", "attention.tokens", "attention.capture"))
+        clip = sd35["sd35_clip"]
+        with torch.inference_mode(False):
+            tokens_ = clip.tokenize(PROMPT)
+            cond = clip.encode_from_tokens_scheduled(tokens_)
+            prompt = hosts.pack_module("nodes.prompt").PromptTokens(PROMPT, tokens_, clip.tokenizer)
+            layout = jt.joint_token_layout(prompt, tokens.parse_concepts("cat, frog"), "sd3")
+            patcher = sd35["sd35"].clone()
+            qk = GraphQKCapture(n_txt=154, n_blocks=3)
+            patcher.model_options.setdefault("transformer_options", {})[ja.OVERRIDE_KEY] = qk
+            ja.add_joint_attention_hook(patcher, "joint:0, joint:2")
+            sink = joint.JointCapture(n_tokens=layout.n_tokens)
+            options = {**patcher.model_options["transformer_options"], "wrappers": patcher.wrappers,
+                       ja.SINKS_KEY: [sink], "cond_or_uncond": [0]}
+            x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0)).requires_grad_()
+            weights = torch.tensor([1.0, -2.0]).view(1, 2, 1, 1)
+
+            def forward():
+                return patcher.model.apply_model(x, torch.tensor([0.8]), c_crossattn=cond[0][0],
+                                                 y=cond[0][1]["pooled_output"], transformer_options=options)
+            forward()
+            assert sink.keys == [("joint", 0), ("joint", 2)]
+            loss = (sink.concept_maps(layout.groups, layout.excluded) * weights).sum()
+            grad = torch.autograd.grad(loss, x, retain_graph=True)[0]
+
+            reference = joint.JointCapture(n_tokens=layout.n_tokens)
+            for key, q, k, _ in qk.calls:
+                if key in sink.keys:
+                    reference.record(key, explicit_text_probs(q, k, 154).float(), GRID, None)
+            ref_loss = (reference.concept_maps(layout.groups, layout.excluded) * weights).sum()
+            ref_grad = torch.autograd.grad(ref_loss, x)[0]
+            torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-6)
+            assert grad.abs().max() > 0
+            torch.testing.assert_close(grad, ref_grad, rtol=1e-3, atol=1e-3 * ref_grad.abs().max().item())
+
+            class Complete(joint.JointCapture):
+                complete = True
+            done = Complete()
+            options[ja.SINKS_KEY] = [done]
+            with torch.no_grad(), pytest.raises(capture_mod.StopForward):
+                forward()
+            assert done.keys == [("joint", 0)]  # stopped right after the first recorded block
