@@ -15,6 +15,7 @@ Torch only, no ComfyUI.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .maps import concept_maps, fold_repeated_context, gaussian_smooth, token_softmax
 
@@ -96,6 +97,7 @@ class _TextKeyProbs(torch.autograd.Function):
         return torch.cat(out, dim=1)
 
     @staticmethod
+    @once_differentiable  # a second derivative is not needed by the guidance (and raises clearly)
     def backward(ctx, grad_out):
         q_img, k, lse = ctx.saved_tensors
         t0, t1 = ctx.txt

@@ -121,7 +121,9 @@ def graph(family, *, hook=False, blocks="", capture="", sink="", installs=1, tex
 
 
 def sampled(host, g):
-    return host.run(g, fresh=True)["sampler"][0]["samples"]
+    """The sampled latent. Each run of a test differs from the previous one in some node input, so
+    ComfyUI re-runs the sampler but keeps the loaded model (one copy of the Flux weights in memory)."""
+    return host.run(g)["sampler"][0]["samples"]
 
 
 def check_records(sink, capture, n_txt, blocks, steps):
@@ -194,7 +196,16 @@ def check_missing_word(host, family):
 
 class TestFlux:
     def test_hook_is_bit_identical_and_records_explicit_probabilities(self, host, flux):
-        stock = sampled(host, graph("flux"))
+        import comfy.supported_models
+        from comfy.ldm.flux.model import Flux
+        outputs = host.run(graph("flux"), fresh=True)
+        stock = outputs["sampler"][0]["samples"]
+        model = outputs["model"][0]  # as UNETLoader loaded the file: detected as Flux, blocks counted
+        net = model.model.diffusion_model
+        assert type(model.model.model_config) is comfy.supported_models.Flux and isinstance(net, Flux)
+        assert (len(net.double_blocks), len(net.single_blocks), net.hidden_size, net.num_heads) == (1, 1, 3072, 24)
+        assert net.params.guidance_embed and net.params.context_in_dim == 4096 and net.in_channels == 64
+        del outputs, model, net
         hooked = sampled(host, graph("flux", hook=True))  # default blocks, no sink: nothing recorded
         assert torch.equal(stock, hooked)
         flux["flux_capture"], flux["flux_sink"] = QKCapture(n_txt=256), ListSink()
@@ -245,6 +256,12 @@ class GraphQKCapture(QKCapture):
 
 class TestSD35:
     def test_hook_is_bit_identical_and_records_explicit_probabilities(self, host, sd35):
+        import comfy.supported_models
+        net = sd35["sd35"].model.diffusion_model
+        assert type(sd35["sd35"].model.model_config) is comfy.supported_models.SD3
+        assert (len(net.joint_blocks), net.hidden_size, net.joint_blocks[0].x_block.attn.num_heads) == (3, 1536, 24)
+        assert [b.x_block.x_block_self_attn for b in net.joint_blocks] == [True, True, False]
+        host.executor.reset()
         stock = sampled(host, graph("sd3"))
         hooked = sampled(host, graph("sd3", hook=True, blocks="joint:all"))
         assert torch.equal(stock, hooked)
