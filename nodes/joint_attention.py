@@ -1,0 +1,244 @@
+"""Recording the text-key attention of joint-attention models (Flux.1, SD3 / SD3.5) in ComfyUI.
+
+Where ComfyUI (0.3.75) lets a pack see a joint block's attention: both families call
+`comfy.ldm.modules.attention.optimized_attention(q, k, v, heads, ..., transformer_options=...)`
+once per joint block, and that function (like every attention kernel ComfyUI registers) is wrapped by
+`wrap_attn`, which hands the call to `transformer_options["optimized_attention_override"]` when that
+key is set, as `override(func, q, k, v, heads, ..., transformer_options=..., **kwargs)`.
+- Flux (comfy/ldm/flux): q, k, v are [B, heads, L, d] after RoPE and QK-norm (skip_reshape=True),
+  text tokens first (L = n_txt + n_img (+ Kontext reference tokens)); forward_orig sets
+  transformer_options["block_type"] ("double" / "single") and ["block_index"] before each block.
+- SD3 / SD3.5 (comfy/ldm/modules/diffusionmodules/mmdit.py, _block_mixing): q, k, v are
+  [B, L, heads*d] (context tokens first, then image tokens); transformer_options carry no block
+  index in 0.3.75, so the joint calls of a forward pass are counted (a per-pass counter that the
+  APPLY_MODEL wrapper below puts in the pass's transformer_options). SD3.5 Medium's extra image-only
+  self-attention (x_block.attn2, blocks 0-12) also goes through the override; its calls have only the
+  image tokens and are neither recorded nor counted.
+Neither the number of text tokens nor the image grid reaches the attention call, so an APPLY_MODEL
+wrapper (which sees the latent and the context) puts them, with the counter, into a copy of the
+pass's transformer_options, and only in passes that carry a sink.
+
+Protocol (what the guidance code uses):
+- transformer_options[SINKS_KEY] (model_options["transformer_options"] of the pass, or a per-pass
+  copy of it): a list of sinks. Each sink has `record(key, probs, grid_hw, step)` and may have
+  `uuids` (None = every cond entry; else the ComfyUI cond uuids whose cond chunks to read) and
+  `complete` (when every sink is complete after a record, the hook raises
+  attention.capture.StopForward, as the UNet patch does for a lean guidance pass).
+- record() gets key = ("double", i) / ("single", i) for Flux, ("joint", i) for SD3; probs
+  [B, n_img, n_txt] float32 (B = the batch of one cond chunk, mean over the picked cond chunks; the
+  head-mean softmax probabilities of the image queries on the text keys, softmax over all keys;
+  differentiable when q/k require grad); grid_hw = (h, w) image-token grid (row-major pixels);
+  step = index of the sigma in the run's schedule or None.
+- Nothing is recorded, and the previous override (or ComfyUI's attention) is called with the very
+  same arguments, when no sink is present: outputs are bit-identical to a model without the hook.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import comfy.patcher_extension
+from comfy.ldm.flux.model import Flux
+from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
+
+from ..attention.capture import StopForward
+from ..attention.joint import text_key_probs
+from .patch import step_of
+
+# transformer_options keys
+SINKS_KEY = "astar_joint_sinks"  # list of sinks active in this pass (set by the guidance code)
+PASS_KEY = "astar_joint_pass"  # JointPass of the current forward (set by JointLayoutWrapper)
+OVERRIDE_KEY = "optimized_attention_override"  # ComfyUI's own key
+WRAPPER_KEY = "astar_joint_attention"  # key of the APPLY_MODEL wrapper
+
+# Defaults (see README "Flux.1 and SD3.5"): FOCUS reads Flux's double-stream blocks; JEDI reads
+# SD3.5's joint blocks 4-16. A block list beyond the model's blocks is clipped to them.
+DEFAULT_BLOCKS = {"flux": "double:all", "sd3": "joint:4-16"}
+FAMILY_BLOCK_TYPES = {"flux": ("double", "single"), "sd3": ("joint",)}
+
+
+@dataclass
+class JointPass:
+    """Layout of one forward pass: n_txt text tokens first, then the grid_hw image tokens
+    (row-major); joint_calls counts the joint-attention calls seen so far (SD3 block index)."""
+
+    n_txt: int
+    grid_hw: tuple[int, int]
+    joint_calls: int = 0
+
+    @property
+    def n_img(self) -> int:
+        return self.grid_hw[0] * self.grid_hw[1]
+
+
+def model_family(model_patcher) -> str:
+    """"flux" or "sd3" for a ComfyUI MODEL, or a clear error for other models."""
+    net = getattr(model_patcher.model, "diffusion_model", None)
+    if isinstance(net, Flux):
+        return "flux"
+    if isinstance(net, MMDiT):
+        return "sd3"
+    raise ValueError(
+        f"joint-attention maps need a Flux or SD3/SD3.5 model; this model is "
+        f"{type(model_patcher.model).__name__} ({type(net).__name__}). For SD1.x/SD2.x/SDXL use the "
+        "UNet cross-attention recording.")
+
+
+def block_counts(model_patcher) -> dict[str, int]:
+    """Number of blocks of each type: {"double": n, "single": m} (Flux) or {"joint": n} (SD3)."""
+    net = model_patcher.model.diffusion_model
+    if model_family(model_patcher) == "flux":
+        return {"double": len(net.double_blocks), "single": len(net.single_blocks)}
+    return {"joint": len(net.joint_blocks)}
+
+
+_BLOCK_ITEM = re.compile(r"^(?P<type>[a-z]+)\s*:\s*(?P<range>all|\d+(?:\s*-\s*\d+)?)$")
+
+
+def parse_blocks(text: str, counts: dict[str, int]) -> tuple[tuple[str, int], ...]:
+    """Blocks named as "double:all, single:0-37" / "joint:4-16" -> sorted (type, index) keys.
+
+    Types are those of `counts` (block_counts); "all" is every block of that type; ranges are
+    inclusive and clipped to the model's blocks. Raises ValueError for an unknown type, a malformed
+    item, or a list that selects no block of this model."""
+    keys, asked = set(), []
+    for item in (p.strip().lower() for p in text.split(",")):
+        if not item:
+            continue
+        m = _BLOCK_ITEM.match(item)
+        if not m or m.group("type") not in counts:
+            raise ValueError(
+                f"block item '{item}' is not understood: write TYPE:all, TYPE:N or TYPE:A-B with TYPE "
+                f"one of {', '.join(counts)} (e.g. '{next(iter(counts))}:all')")
+        kind, rng = m.group("type"), m.group("range")
+        if rng == "all":
+            lo, hi = 0, counts[kind] - 1
+        else:
+            ends = [int(x) for x in rng.split("-")]
+            lo, hi = ends[0], ends[-1]
+            if lo > hi:
+                raise ValueError(f"block range '{item}' is reversed: write {kind}:{hi}-{lo}")
+        asked.append(item)
+        keys |= {(kind, i) for i in range(lo, min(hi, counts[kind] - 1) + 1)}
+    if not keys:
+        have = ", ".join(f"{n} {kind} blocks (0-{n - 1})" for kind, n in counts.items())
+        raise ValueError(f"the blocks '{text}' select no block of this model, which has {have}")
+    return tuple(sorted(keys))
+
+
+def _normalise_mask(mask):
+    """A mask as ComfyUI's kernels read it, broadcastable to [B, heads, Lq, Lk]."""
+    if mask is None:
+        return None
+    if mask.dim() == 2:
+        return mask.unsqueeze(0).unsqueeze(0)
+    if mask.dim() == 3:
+        return mask.unsqueeze(1)
+    return mask
+
+
+_ATTENTION_ARGS = ("q", "k", "v", "heads", "mask", "attn_precision", "skip_reshape", "skip_output_reshape")
+
+
+class JointAttentionOverride:
+    """ComfyUI's optimized_attention_override: records the text-key probabilities of the chosen
+    joint blocks for the sinks of the pass, then calls the previous override (or ComfyUI's attention
+    function) with exactly the arguments it got."""
+
+    def __init__(self, family: str, blocks, previous=None):
+        self.family = family
+        self.blocks = frozenset(blocks)
+        self.previous = previous
+
+    def __call__(self, func, *args, **kwargs):
+        options = kwargs.get("transformer_options") or {}
+        sinks = options.get(SINKS_KEY)
+        layout = options.get(PASS_KEY)
+        if sinks and layout is not None:
+            self._record(sinks, layout, options, {**dict(zip(_ATTENTION_ARGS, args)), **kwargs})
+        if self.previous is not None:
+            return self.previous(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+    def _block_key(self, layout: JointPass, options):
+        if self.family == "flux":
+            return options.get("block_type"), options.get("block_index")
+        key = ("joint", layout.joint_calls)
+        layout.joint_calls += 1
+        return key
+
+    def _record(self, sinks, layout: JointPass, options, call):
+        q, k, heads = call["q"], call["k"], call["heads"]
+        if not call.get("skip_reshape", False):  # [B, L, heads*d] -> [B, heads, L, d]
+            q = q.unflatten(-1, (heads, -1)).transpose(1, 2)
+            k = k.unflatten(-1, (heads, -1)).transpose(1, 2)
+        if q.shape[2] < layout.n_txt + layout.n_img:
+            return  # not a joint call (SD3.5's image-only attn2): neither counted nor recorded
+        key = self._block_key(layout, options)
+        if key not in self.blocks:
+            return
+        chunks = options.get("cond_or_uncond") or [0]
+        uuids = options.get("uuids")
+        size = q.shape[0] // len(chunks)
+        mask = _normalise_mask(call.get("mask"))
+        txt, img = (0, layout.n_txt), (layout.n_txt, layout.n_txt + layout.n_img)
+        per_chunk = {}
+
+        def chunk_probs(j):
+            if j not in per_chunk:
+                rows = slice(j * size, (j + 1) * size)
+                m = mask[rows] if mask is not None and mask.shape[0] == q.shape[0] else mask
+                per_chunk[j] = text_key_probs(q[rows], k[rows] if k.shape[0] == q.shape[0] else k, txt, img, mask=m)
+            return per_chunk[j]
+
+        step = step_of(options)
+        for sink in sinks:
+            wanted = getattr(sink, "uuids", None)
+            picked = [j for j, kind in enumerate(chunks) if kind == 0 and
+                      (wanted is None or uuids is None or uuids[j] in wanted)]
+            if picked:
+                probs = [chunk_probs(j) for j in picked]
+                mean = probs[0] if len(probs) == 1 else sum(probs) / len(probs)
+                sink.record(key, mean, layout.grid_hw, step)
+        if all(getattr(s, "complete", False) for s in sinks):
+            raise StopForward
+
+
+class JointLayoutWrapper:
+    """APPLY_MODEL wrapper: in a pass that carries sinks, gives the attention override the pass's
+    layout (text token count, image grid) and a fresh joint-call counter, in a copy of the pass's
+    transformer_options. Passes without sinks go through untouched."""
+
+    def __init__(self, patch_size: int, register_tokens: int = 0):
+        self.patch_size = patch_size
+        self.register_tokens = register_tokens
+
+    def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
+                 **kwargs):
+        options = transformer_options if transformer_options is not None else {}
+        if options.get(SINKS_KEY) and c_crossattn is not None:
+            p = self.patch_size
+            grid = (math.ceil(x.shape[-2] / p), math.ceil(x.shape[-1] / p))
+            options = {**options, PASS_KEY: JointPass(c_crossattn.shape[1] + self.register_tokens, grid)}
+        return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+
+
+def add_joint_attention_hook(model_patcher, blocks: str | None = None) -> tuple[tuple[str, int], ...]:
+    """Install the recording hook on a (cloned) Flux or SD3 MODEL: the attention override, chained to
+    an override already in its transformer_options, and the layout wrapper (installing it again on a
+    hooked model replaces the block choice). blocks: as parse_blocks
+    reads them; None = DEFAULT_BLOCKS of the family. Returns the block keys that will be recorded."""
+    family = model_family(model_patcher)
+    keys = parse_blocks(DEFAULT_BLOCKS[family] if blocks is None else blocks, block_counts(model_patcher))
+    net = model_patcher.model.diffusion_model
+    options = model_patcher.model_options.setdefault("transformer_options", {})
+    previous = options.get(OVERRIDE_KEY)
+    if isinstance(previous, JointAttentionOverride):  # installed again: replace, never record twice
+        previous = previous.previous
+    options[OVERRIDE_KEY] = JointAttentionOverride(family, keys, previous=previous)
+    model_patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
+    model_patcher.add_wrapper_with_key(
+        comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY,
+        JointLayoutWrapper(int(net.patch_size), int(getattr(net, "register_length", 0) or 0)))
+    return keys

@@ -1,0 +1,94 @@
+"""Concept words in the context of joint-attention models (Flux.1, SD3 / SD3.5).
+
+What the text keys of a joint block are (ComfyUI 0.3.75):
+- Flux: the context is the T5-XXL output only (comfy/text_encoders/flux.py: CLIP-L gives just the
+  pooled vector). T5 has no start token; the prompt's tokens are followed by the end token (id 1) and
+  padding (id 0) up to 256 tokens (longer prompts are not cut).
+- SD3 / SD3.5: the context is [CLIP, T5] along the sequence (comfy/text_encoders/sd3_clip.py):
+  CLIP-L and CLIP-G encode the same 77-token chunks with the same token positions and their features
+  are concatenated (so one context position is one CLIP token of both), then the T5 tokens follow
+  (padded to 77). A concept occupies its CLIP positions and its T5 positions: both are one group.
+Excluded from the token renormalisation: CLIP start tokens, CLIP end tokens and the padding after them
+(CLIP-L pads with the end token, CLIP-G with "!" = 0), T5 end and padding tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..attention.maps import CLIP_CHUNK_TOKENS
+from ..attention.tokens import ConceptSpec, locate_concepts
+from .prompt import PromptTokens
+
+CLIP_START, CLIP_END = 49406, 49407
+T5_END, T5_PAD = 1, 0
+# The tokenize() keys of each encoder, in context order (CLIP keys share their positions).
+CONTEXT_SEGMENTS = {"flux": (("t5xxl",),), "sd3": (("l", "g"), ("t5xxl",))}
+
+
+@dataclass(frozen=True)
+class JointTokenLayout:
+    """Where the prompt sits in a joint model's context: n_tokens context positions; groups = the
+    positions of each concept (CLIP and T5 together for SD3); excluded = positions left out of the
+    token renormalisation (start, end and padding tokens)."""
+
+    n_tokens: int
+    groups: tuple[tuple[int, ...], ...]
+    excluded: tuple[int, ...]
+
+    def check_context(self, n_txt: int) -> None:
+        """Raise a clear error when recorded attention has n_txt text keys that are not this prompt's
+        context (or a whole number of copies of it, as ComfyUI repeats a shorter cond)."""
+        if n_txt < self.n_tokens or n_txt % self.n_tokens:
+            raise ValueError(
+                f"the model attends to {n_txt} text tokens, but the A-STAR prompt's context has "
+                f"{self.n_tokens}: the conditioning was changed after A-STAR Text Encode (e.g. a text "
+                "encoder without T5, or a concatenated prompt); encode the positive prompt with "
+                "A-STAR Text Encode and the model's own text encoders")
+
+
+def _clip_excluded(ids) -> set[int]:
+    """Start token, end token and everything after it, in every 77-token CLIP chunk."""
+    out = set()
+    for start in range(0, len(ids), CLIP_CHUNK_TOKENS):
+        chunk = ids[start:start + CLIP_CHUNK_TOKENS]
+        out.add(start)
+        ends = [i for i, t in enumerate(chunk) if i > 0 and t == CLIP_END]
+        if ends:
+            out |= set(range(start + ends[0], start + len(chunk)))
+    return out
+
+
+def _t5_excluded(ids) -> set[int]:
+    return {i for i, t in enumerate(ids) if t in (T5_END, T5_PAD)}
+
+
+def _segment_positions(prompt: PromptTokens, keys, specs):
+    """Concept positions in one segment; encoders sharing a segment must agree."""
+    found = [locate_concepts(prompt.ids[key], specs, prompt._word_ids(key), prompt._names(key)) for key in keys]
+    if any(groups != found[0] for groups in found[1:]):
+        raise ValueError(f"the text encoders {keys} disagree on concept positions ({found}); please report this prompt")
+    return found[0]
+
+
+def joint_token_layout(prompt: PromptTokens, specs: list[ConceptSpec], family: str) -> JointTokenLayout:
+    """The concepts' context positions for a Flux ("flux") or SD3 ("sd3") model (see the module
+    docstring). Raises the pack's error naming the word and listing the prompt's tokens when a
+    concept is not in the prompt (checked in every encoder that makes the context)."""
+    if family not in CONTEXT_SEGMENTS:
+        raise ValueError(f"unknown joint-attention family {family!r}; expected one of {sorted(CONTEXT_SEGMENTS)}")
+    missing = [k for keys in CONTEXT_SEGMENTS[family] for k in keys if k not in prompt.ids]
+    if missing:
+        raise ValueError(
+            f"the prompt was encoded without the {', '.join(missing)} tokenizer(s) this {family} model "
+            f"reads (it has {', '.join(prompt.ids)}): encode it with the model's own text encoders")
+    offset, excluded = 0, set()
+    groups: list[list[int]] = [[] for _ in specs]
+    for keys in CONTEXT_SEGMENTS[family]:
+        ids = prompt.ids[keys[0]]
+        length = min(len(prompt.ids[k]) for k in keys)  # ComfyUI cuts CLIP-L/G to the shorter
+        for group, positions in zip(groups, _segment_positions(prompt, keys, specs)):
+            group += [offset + p for p in positions]
+        skip = _t5_excluded(ids[:length]) if keys == ("t5xxl",) else _clip_excluded(ids[:length])
+        excluded |= {offset + p for p in skip}
+        offset += length
+    return JointTokenLayout(offset, tuple(tuple(g) for g in groups), tuple(sorted(excluded)))

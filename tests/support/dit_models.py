@@ -1,0 +1,217 @@
+"""Random-weight Flux.1 and SD3.5 models, and small text encoders with the real tokenizers.
+
+Built from ComfyUI's own classes (``comfy.supported_models``, ``comfy.model_base``, ``comfy.sd1_clip``,
+``comfy.text_encoders``) with the per-tensor seeded values of ``support.models`` (same rule, same
+bytes for the same seed), saved once as fp16 safetensors in the test-model cache:
+
+* ``build_flux_checkpoint``: the Flux.1-dev diffusion model at its exact widths (hidden 3072, 24 heads
+  of 128, in_channels 16 x 2x2 patches = 64, context 4096, vec 768, guidance embedding) with few
+  blocks (default 1 double + 1 single: 0.55 B parameters, 1.1 GB). Raw diffusion-model keys, as
+  UNETLoader reads them; ComfyUI detects it as Flux and counts its blocks from the keys.
+* ``build_sd35_checkpoint``: the SD3.5-Medium MMDiT at its exact widths (hidden 1536, 24 heads,
+  context 4096, adm 2048, RMS QK-norm, x-block self-attention in the first blocks) with 3 joint
+  blocks. ComfyUI 0.3.75 derives an MMDiT's block count from its width (depth = hidden / 64 = 24)
+  instead of counting blocks, so a file with fewer blocks cannot go through UNETLoader:
+  ``load_sd35_model`` loads it as ComfyUI's loader does (model_detection, dtype choice, get_model,
+  load_model_weights, ModelPatcher) with ``num_blocks`` set to the counted blocks. The position
+  embedding is cut to 64x64 patches (Medium: 384x384), enough for 1024 px, to save 0.4 GB.
+* ``flux_clip`` / ``sd35_clip``: comfy.sd.CLIP objects with ComfyUI's real tokenizers (CLIP BPE,
+  T5 sentencepiece) and small random encoders of the exact output widths: CLIP-L (768) and CLIP-G
+  (1280) with 3 layers (SD3 reads the penultimate), T5 with d_model 4096 and 1 layer (4 heads, d_ff 512): ComfyUI's T5 loader
+  always builds the 24-layer T5-XXL (t5_config_xxl.json, 4.7 B parameters), so these are built in
+  memory, not loaded from a file (0.2 B parameters, mostly the two vocabulary embeddings).
+Random initialisation as in support.models, except that every normalisation scale (QK RMSNorm,
+T5 layer norm) is 1, so attention logits have a realistic spread, and floating buffers (SD3's
+position embedding, which ComfyUI allocates uninitialised) are N(0, 0.5).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import models as M
+
+FLUX_DEV = {
+    "image_model": "flux", "axes_dim": [16, 56, 56], "num_heads": 24, "mlp_ratio": 4.0, "theta": 10000,
+    "out_channels": 16, "qkv_bias": True, "in_channels": 16, "hidden_size": 3072, "context_in_dim": 4096,
+    "patch_size": 2, "vec_in_dim": 768, "guidance_embed": True,
+}
+SD35_MEDIUM_WIDTH = 1536
+SD35_POS_EMBED = 64
+
+
+def _sd35_config(blocks: int, self_attn_blocks) -> dict:
+    return {
+        "in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": SD35_MEDIUM_WIDTH // 64,
+        "input_size": None, "adm_in_channels": 2048,
+        "context_embedder_config": {"target": "torch.nn.Linear",
+                                    "params": {"in_features": 4096, "out_features": SD35_MEDIUM_WIDTH}},
+        "num_patches": SD35_POS_EMBED ** 2, "pos_embed_max_size": SD35_POS_EMBED, "qk_norm": "rms",
+        "pos_embed_scaling_factor": None, "x_block_self_attn_layers": list(self_attn_blocks),
+        "num_blocks": blocks,
+    }
+
+
+def _unit_norm_scales_(module: torch.nn.Module) -> None:
+    """Scale parameters of every normalisation layer = 1 (ComfyUI's own RMSNorm classes are not in
+    the torch norm types support.models recognises)."""
+    with torch.no_grad():
+        for mod in module.modules():
+            if "norm" in type(mod).__name__.lower():
+                for name, p in mod.named_parameters(recurse=False):
+                    if name in ("weight", "scale"):
+                        p.fill_(1.0)
+
+
+def _random_model(config: dict, expected, seed: int, tag: str):
+    """ComfyUI's model for a diffusion-model config (checked to be `expected`), fp16, random."""
+    import comfy.model_detection
+    mc = comfy.model_detection.model_config_from_unet_config(dict(config))
+    if type(mc) is not expected:
+        raise RuntimeError(f"ComfyUI does not take this config for {expected.__name__}: {type(mc).__name__}")
+    mc.set_inference_dtype(torch.float16, None)
+    net = mc.get_model({}, device=torch.device("cpu")).diffusion_model
+    for name, buf in net.named_buffers():  # e.g. SD3's pos_embed, allocated uninitialised
+        if buf.is_floating_point():
+            M._normal_(buf, 0.5, torch.Generator().manual_seed(M._tensor_seed(seed, f"{tag}/{name}")))
+    M._fill_random_(net, seed, tag)
+    _unit_norm_scales_(net)
+    return net
+
+
+def build_flux_checkpoint(path, double_blocks: int = 1, single_blocks: int = 1, seed: int = 0) -> Path:
+    """Write (or reuse) a random Flux.1-dev diffusion model with few blocks (raw keys, fp16)."""
+    path = Path(path)
+    if path.exists():
+        return path
+    M._ensure_comfy()
+    import comfy.supported_models
+    cfg = dict(FLUX_DEV, depth=double_blocks, depth_single_blocks=single_blocks)
+    net = _random_model(cfg, comfy.supported_models.Flux, seed, "flux")
+    sd = net.state_dict()
+    found = detected(sd)
+    if type(found[0]) is not comfy.supported_models.Flux or \
+            (found[1]["depth"], found[1]["depth_single_blocks"]) != (double_blocks, single_blocks):
+        raise RuntimeError(f"ComfyUI does not read the file back as this Flux: {found}")
+    return M._atomic_save(sd, path)
+
+
+def build_sd35_checkpoint(path, blocks: int = 3, self_attn_blocks=(0, 1), seed: int = 0) -> Path:
+    """Write (or reuse) a random SD3.5-Medium-width MMDiT with `blocks` joint blocks, the x-block
+    self-attention (Medium has it in blocks 0-12) in `self_attn_blocks` (raw keys, fp16)."""
+    path = Path(path)
+    if path.exists():
+        return path
+    M._ensure_comfy()
+    import comfy.supported_models
+    net = _random_model(_sd35_config(blocks, self_attn_blocks), comfy.supported_models.SD3, seed, "sd35")
+    return M._atomic_save(net.state_dict(), path)
+
+
+def detected(sd: dict):
+    """(model config, unet config) ComfyUI's model_detection reads from a diffusion-model state dict."""
+    import comfy.model_detection
+    return comfy.model_detection.model_config_from_unet(sd, ""), comfy.model_detection.detect_unet_config(sd, "")
+
+
+def count_joint_blocks(sd: dict) -> int:
+    import comfy.model_detection
+    return comfy.model_detection.count_blocks(list(sd.keys()), "joint_blocks.{}.")
+
+
+def load_sd35_model(path):
+    """A ModelPatcher for a file of build_sd35_checkpoint, loaded as comfy.sd.load_diffusion_model
+    does, except that the MMDiT gets the file's block count (num_blocks) instead of hidden/64."""
+    M._ensure_comfy()
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.utils
+    sd = comfy.utils.load_torch_file(str(path))
+    mc, _ = detected(sd)
+    mc.unet_config["num_blocks"] = count_joint_blocks(sd)
+    load_device = mm.get_torch_device()
+    unet_dtype = mm.unet_dtype(model_params=comfy.utils.calculate_parameters(sd),
+                               supported_dtypes=list(mc.supported_inference_dtypes),
+                               weight_dtype=comfy.utils.weight_dtype(sd))
+    mc.set_inference_dtype(unet_dtype, mm.unet_manual_cast(unet_dtype, load_device, mc.supported_inference_dtypes))
+    model = mc.get_model(sd, "").to(mm.unet_offload_device())
+    model.load_model_weights(sd, "")
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=mm.unet_offload_device())
+
+
+# ----------------------------------------------------------------------------------------------
+# Text encoders: small random encoders behind ComfyUI's real tokenizers
+# ----------------------------------------------------------------------------------------------
+
+def _json(name: str) -> dict:
+    import json
+    import comfy.sd1_clip
+    return json.loads((Path(comfy.sd1_clip.__file__).parent / name).read_text())
+
+
+def _clip_l(device, dtype, model_options, **kwargs):
+    from comfy import sd1_clip
+    return sd1_clip.SDClipModel(device=device, dtype=dtype, model_options=model_options,
+                                textmodel_json_config=dict(_json("sd1_clip_config.json"), num_hidden_layers=3), **kwargs)
+
+
+def _clip_g(device, dtype, model_options):
+    from comfy import sd1_clip
+    return sd1_clip.SDClipModel(device=device, dtype=dtype, layer="hidden", layer_idx=-2,
+                                textmodel_json_config=dict(_json("clip_config_bigg.json"), num_hidden_layers=3),
+                                special_tokens={"start": 49406, "end": 49407, "pad": 0}, layer_norm_hidden_state=False,
+                                return_projected_pooled=True, model_options={**model_options, "model_name": "clip_g"})
+
+
+def _t5(device, dtype, model_options):
+    import comfy.text_encoders.t5
+    from comfy import sd1_clip
+    config = dict(_json("text_encoders/t5_config_xxl.json"), num_layers=1, num_heads=4, d_ff=512)
+    return sd1_clip.SDClipModel(device=device, dtype=dtype, layer="last", textmodel_json_config=config,
+                                special_tokens={"end": 1, "pad": 0}, model_class=comfy.text_encoders.t5.T5,
+                                enable_attention_masks=False, return_attention_masks=False,
+                                model_options={**model_options, "model_name": "t5xxl"})
+
+
+def _small_clip(kind: str, seed: int):
+    """comfy.sd.CLIP of ComfyUI's Flux or SD3 text-encoder class, with small random encoders."""
+    M._ensure_comfy()
+    import comfy.sd
+    import comfy.supported_models_base
+    import comfy.text_encoders.flux
+    import comfy.text_encoders.sd3_clip
+
+    if kind == "flux":
+        class SmallFluxClip(comfy.text_encoders.flux.FluxClipModel):
+            def __init__(self, device="cpu", dtype=None, model_options={}, **kwargs):
+                torch.nn.Module.__init__(self)
+                self.clip_l = _clip_l(device, dtype, model_options, return_projected_pooled=False)
+                self.t5xxl = _t5(device, dtype, model_options)
+                self.dtypes = {dtype}
+        target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.flux.FluxTokenizer, SmallFluxClip)
+    else:
+        class SmallSD3Clip(comfy.text_encoders.sd3_clip.SD3ClipModel):
+            def __init__(self, device="cpu", dtype=None, model_options={}, **kwargs):
+                torch.nn.Module.__init__(self)
+                self.clip_l = _clip_l(device, dtype, model_options, layer="hidden", layer_idx=-2,
+                                      layer_norm_hidden_state=False, return_projected_pooled=False)
+                self.clip_g = _clip_g(device, dtype, model_options)
+                self.t5xxl = _t5(device, dtype, model_options)
+                self.t5_attention_mask = False
+                self.dtypes = {dtype}
+        target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.sd3_clip.SD3Tokenizer, SmallSD3Clip)
+    clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})
+    M._fill_random_(clip.cond_stage_model, seed, f"{kind}-te")
+    _unit_norm_scales_(clip.cond_stage_model)
+    return clip
+
+
+def flux_clip(seed: int = 0):
+    """Flux text encoders (CLIP-L + T5, small, random) behind ComfyUI's FluxTokenizer."""
+    return _small_clip("flux", seed)
+
+
+def sd35_clip(seed: int = 0):
+    """SD3 text encoders (CLIP-L + CLIP-G + T5, small, random) behind ComfyUI's SD3Tokenizer."""
+    return _small_clip("sd3", seed)
