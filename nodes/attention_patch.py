@@ -41,6 +41,20 @@ def cross_attention_keys(model_patcher) -> list[tuple[str, int, int]]:
     return keys
 
 
+def step_of(extra_options) -> int | None:
+    """Index of the current sampler step: the one the sampling wrapper set, else (a pass outside an
+    A-STAR run) the position of the current sigma in the run's schedule, None when it is not in it."""
+    if STEP_KEY in extra_options:
+        return extra_options[STEP_KEY]
+    schedule = extra_options.get("sample_sigmas")
+    sigma = extra_options.get("sigmas")
+    if schedule is None or sigma is None:
+        return None
+    hits = torch.isclose(schedule.float().cpu(), sigma.detach().float().cpu().reshape(-1)[:1], rtol=1e-5, atol=0.0)
+    idx = torch.nonzero(hits)
+    return int(idx[0]) if len(idx) else None
+
+
 class AttentionCapturePatch:
     """attn2 replace for one layer: hands the cond branch's attention probabilities to the active
     collectors, then computes attention exactly as before (the previous replace at this layer, or

@@ -44,7 +44,7 @@ from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
 
 from ..attention.capture import StopForward
 from ..attention.joint import text_key_probs
-from .patch import step_of
+from .attention_patch import step_of
 
 # transformer_options keys
 SINKS_KEY = "astar_joint_sinks"  # list of sinks active in this pass (set by the guidance code)
