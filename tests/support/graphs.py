@@ -3,8 +3,9 @@ from __future__ import annotations
 
 
 def window_end(guided_steps: int, steps: int) -> float:
-    """guidance_end that guides exactly the first `guided_steps` of `steps` (i < end * steps)."""
-    return min(1.0, (guided_steps + 0.5) / steps) if guided_steps else 0.0
+    """guidance_end that guides exactly the first `guided_steps` of `steps` (i < end * steps): halfway
+    between step guided_steps - 1 (guided) and step guided_steps (not guided)."""
+    return min(1.0, (guided_steps - 0.5) / steps) if guided_steps else 0.0
 
 
 def guidance_settings(concepts="cat, frog", resolution="1/16", mode="astar", guided_steps=2, steps=3,
