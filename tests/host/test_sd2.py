@@ -133,27 +133,30 @@ def test_sd2_maps_use_only_the_real_tokens(host, sd21_ckpt):
 # ------------------------------------------------------------------------------------------------
 
 def test_sd2_one_guided_step_lowers_the_loss(host, sd21_ckpt):
-    """Refinement capped at one iteration: forward, update, forward again at the same sigma."""
+    """Refinement capped at one iteration: forward, update, forward again at the same sigma. Step size 20
+    (A&E's); the loss falls by at least 0.1 % (about 0.5 % for astar here: random weights give nearly flat
+    attention), far above float32 noise."""
     for mode in ("astar", "attend_excite"):
-        _, rec = run_sampler(host, sd21_ckpt, steps=2, guided_steps=1, batch=2, mode=mode, step_size=0.5,
+        _, rec = run_sampler(host, sd21_ckpt, steps=2, guided_steps=1, batch=2, mode=mode, step_size=20.0,
                              refine="on", refine_thresholds="0:1.0", max_refine_iters=1)
         trace = rec.steps[0].trace
         assert trace.shape == (2, 2) and torch.isfinite(trace).all(), trace
-        assert (trace[1] < trace[0]).all(), f"{mode}: loss before/after one step {trace.tolist()}"
+        assert (trace[1] < trace[0] * (1 - 1e-3)).all(), f"{mode}: loss before/after one step {trace.tolist()}"
 
 
 def test_sd2_guided_sampling(host, sd21_ckpt):
-    """3 steps, the first 2 guided. Step size 0 is the stock KSampler's run, bit for bit; with a step size,
-    the loss measured at the second guided step (before its update) is below the unguided run's there,
-    for every sample: the update of the first step carried over through the sampler's step."""
+    """3 steps, the first 2 guided. Step size 0 is the stock KSampler's run, bit for bit; with a step size
+    (200: random weights give nearly flat attention), the loss measured at the second guided step (before
+    its update) is at least 0.1 % below the unguided run's there, for every sample: the update of the
+    first step carried over through the sampler's step."""
     common = {"steps": 3, "seed": 11, "batch": 2, "cfg": 7.5}
     stock = run_sampler(host, sd21_ckpt, sampler="KSampler", **common)[0]["samples"]
     still, rec0 = run_sampler(host, sd21_ckpt, guided_steps=2, step_size=0.0, **common)
     assert torch.equal(still["samples"], stock)
-    guided, rec = run_sampler(host, sd21_ckpt, guided_steps=2, step_size=20.0, **common)
+    guided, rec = run_sampler(host, sd21_ckpt, guided_steps=2, step_size=200.0, **common)
     assert torch.isfinite(guided["samples"]).all() and not torch.equal(guided["samples"], stock)
     assert [s.iterations for s in rec.steps] == [1, 1, 0]
     # the first guided step sees the same latent in both runs
     torch.testing.assert_close(rec.steps[0].losses["total"], rec0.steps[0].losses["total"])
     before, after = rec0.steps[1].losses["total"], rec.steps[1].losses["total"]
-    assert (after < before).all(), f"loss at the second guided step: unguided {before.tolist()}, guided {after.tolist()}"
+    assert (after < before * (1 - 1e-3)).all(), f"loss at the second guided step: unguided {before.tolist()}, guided {after.tolist()}"
