@@ -9,6 +9,7 @@ from support import host as hosts
 
 MINI = "astar-test-sd15-mini.safetensors"
 FULL = "astar-test-sd15-full.safetensors"
+SD21 = "astar-test-sd21-768v.safetensors"
 
 
 @pytest.fixture(scope="session")
@@ -39,6 +40,14 @@ def full_ckpt(host):
     """File name of the exact SD1.5-layout checkpoint (random weights)."""
     _checkpoint(FULL, "full")
     return FULL
+
+
+@pytest.fixture(scope="session")
+def sd21_ckpt(host):
+    """File name of the SD2.1 768-v checkpoint (random weights, 2.4 GiB; v-prediction, OpenCLIP-H)."""
+    from support.models import build_sd21_checkpoint
+    build_sd21_checkpoint(hosts.models_dir() / "checkpoints" / SD21, seed=0)
+    return SD21
 
 
 @pytest.fixture(scope="session")

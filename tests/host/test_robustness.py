@@ -473,37 +473,16 @@ def test_two_samplers_caching_and_a_changed_widget(host, mini_ckpt):
 # another attn2 replace on the model
 # ------------------------------------------------------------------------------------------------
 
-class _ScaleCrossAttention:
+class _ScaleCrossAttention(hosts.Attn2ReplaceNode):
     """Test-only node: a model clone whose every cross-attention layer has an attn2 replace that counts
     its calls and scales ComfyUI's attention output by 0.9 (like IPAdapter/NAG replace attention)."""
 
     calls = 0
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL",)}}
-
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "patch"
-    CATEGORY = "testing"
-
-    def patch(self, model):
+    def replace(self, q, k, v, extra_options, **kwargs):
         import comfy.ldm.modules.attention as comfy_attention
-        patched = model.clone()
-        unet = patched.model.diffusion_model
-
-        def replace(q, k, v, extra_options, **kwargs):
-            type(self).calls += 1
-            return comfy_attention.optimized_attention(q, k, v, extra_options["n_heads"]) * 0.9
-
-        for name, blocks in (("input", unet.input_blocks), ("middle", [unet.middle_block]),
-                             ("output", unet.output_blocks)):
-            for i, block in enumerate(blocks):
-                for layer in block:
-                    if isinstance(layer, comfy_attention.SpatialTransformer):
-                        for t in range(len(layer.transformer_blocks)):
-                            patched.set_model_attn2_replace(replace, name, i, t)
-        return (patched,)
+        type(self).calls += 1
+        return comfy_attention.optimized_attention(q, k, v, extra_options["n_heads"]) * 0.9
 
 
 def test_an_existing_attn2_replace_keeps_running(host, mini_ckpt):

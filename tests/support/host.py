@@ -242,3 +242,33 @@ def pack_module(name: str):
     import importlib
     root = next(m for m in sys.modules if m.endswith(PACK_MODULE))  # ComfyUI names it by its path
     return importlib.import_module(f"{root}.{name}")
+
+
+class Attn2ReplaceNode:
+    """Base of test-only nodes (register a subclass in host.nodes.NODE_CLASS_MAPPINGS): MODEL -> a clone
+    with the subclass's `replace(q, k, v, extra_options)` as the attn2 replace of every cross-attention
+    layer, found here by walking the UNet (independently of the pack)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",)}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+    CATEGORY = "testing"
+
+    def replace(self, q, k, v, extra_options, **kwargs):
+        raise NotImplementedError
+
+    def patch(self, model):
+        import comfy.ldm.modules.attention as comfy_attention
+        patched = model.clone()
+        unet = patched.model.diffusion_model
+        for name, blocks in (("input", unet.input_blocks), ("middle", [unet.middle_block]),
+                             ("output", unet.output_blocks)):
+            for i, block in enumerate(blocks):
+                for layer in block:
+                    if isinstance(layer, comfy_attention.SpatialTransformer):
+                        for t in range(len(layer.transformer_blocks)):
+                            patched.set_model_attn2_replace(self.replace, name, i, t)
+        return (patched,)

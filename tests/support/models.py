@@ -14,6 +14,8 @@ ComfyUI's own module classes (``comfy.supported_models``, ``comfy.model_base``, 
   plus ``sdxl_tokenizer`` and ``sdxl_conditioning`` (random CONDITIONING, no text encoders).
 * ``build_sdxl_checkpoint``: a whole SDXL base checkpoint file (6.9 GB fp16), written tensor by
   tensor, for the server (the SDXL example workflow).
+* ``build_sd21_checkpoint``: an SD2.1 768-v checkpoint (UNet + OpenCLIP ViT-H text encoder + VAE,
+  2.4 GiB fp16), written tensor by tensor; ComfyUI reads it as SD20 with v-prediction.
 * ``prepare_comfy_import``: puts a ComfyUI root on ``sys.path`` and forces CPU mode.
 
 Determinism: every tensor is drawn from its own generator seeded with (seed, tensor name), in
@@ -103,6 +105,12 @@ _SDXL_UNET_CONFIG = {
     "use_temporal_resblock": False,
     "use_temporal_attention": False,
 }
+# SD2.1 (768-v and 512 base): SD1.5's levels and depths, context 1024 (OpenCLIP ViT-H), linear
+# proj_in/proj_out; SD20's unet_extra_config adds num_head_channels 64.
+_SD21_UNET_CONFIG = dict(_SD15_COMMON, **_SD15_LAYOUTS["full"], context_dim=1024, use_linear_in_transformer=True)
+# ComfyUI's SD20.model_type: v-prediction when this bias has a std above 0.09.
+_SD2_V_PRED_BIAS = "output_blocks.11.1.transformer_blocks.0.norm1.bias"
+_SD2_V_PRED_BIAS_STD = 0.25
 # The SD1.x KL VAE (comfy.sd.VAE builds AutoencoderKL with this when it sees such a state dict).
 _SD_VAE_DDCONFIG = {
     "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
@@ -184,14 +192,14 @@ def _ensure_comfy() -> None:
 # ----------------------------------------------------------------------------------------------
 
 # ComfyUI's model folder names, so a server whose extra_model_paths points at the cache finds them.
-_CACHE_FOLDERS = {"sd15": "checkpoints", "sd15-lora": "loras", "sd15-controlnet": "controlnet"}
+_CACHE_FOLDERS = {"sd15": "checkpoints", "sd21": "checkpoints", "sd15-lora": "loras", "sd15-controlnet": "controlnet"}
 
 
 def cache_path(cache_dir: PathLike, kind: str, layout: str = "", seed: int = 0,
                suffix: str = ".safetensors") -> Path:
     """A stable file name for a model in the cache, in ComfyUI's folder for its kind.
 
-    kind "sd15" -> checkpoints/, "sd15-lora" -> loras/, "sd15-controlnet" -> controlnet/ (others
+    kind "sd15" or "sd21" -> checkpoints/, "sd15-lora" -> loras/, "sd15-controlnet" -> controlnet/ (others
     at the top), e.g. ``<cache>/checkpoints/sd15-mini-s0-v1.safetensors``.
     """
     parts = [kind] + ([layout] if layout else []) + [f"s{seed}", f"v{FACTORY_VERSION}"]
@@ -225,14 +233,18 @@ _NORM_TYPES = tuple(t for t in (torch.nn.GroupNorm, torch.nn.LayerNorm, getattr(
 
 
 @torch.no_grad()
-def _fill_parameter_(t: torch.Tensor, seed: int, name: str, norm_weight: bool) -> None:
+def _fill_parameter_(t: torch.Tensor, seed: int, name: str, norm_weight: bool,
+                     std: Optional[float] = None) -> None:
     """The rule for one parameter: a norm layer's weight is 1; anything else N(0, 1/sqrt(fan-in)) for
-    matrices and kernels, N(0, _BIAS_STD) for vectors, from a generator seeded by (seed, name)."""
-    if norm_weight:
+    matrices and kernels, N(0, _BIAS_STD) for vectors, from a generator seeded by (seed, name).
+    std: draw N(0, std) instead (any parameter, norm weights included)."""
+    if norm_weight and std is None:
         t.fill_(1.0)
         return
     gen = torch.Generator().manual_seed(_tensor_seed(seed, name))
-    _normal_(t, 1.0 / math.sqrt(t[0].numel()) if t.dim() >= 2 else _BIAS_STD, gen)
+    if std is None:
+        std = 1.0 / math.sqrt(t[0].numel()) if t.dim() >= 2 else _BIAS_STD
+    _normal_(t, std, gen)
 
 
 def _fill_random_(module: torch.nn.Module, seed: int, tag: str) -> int:
@@ -273,16 +285,21 @@ def _atomic_save(sd: dict, path: Path) -> Path:
     return _atomic_write(path, lambda tmp: comfy.utils.save_torch_file(sd, str(tmp)))
 
 
+def _detected_config(unet_config: dict, expected):
+    """The comfy.supported_models config ComfyUI's own matcher picks for unet_config; it must be `expected`."""
+    import comfy.model_detection
+    mc = comfy.model_detection.model_config_from_unet_config(dict(unet_config))
+    if type(mc) is not expected:
+        raise RuntimeError(f"ComfyUI does not detect the {expected.__name__} config as {expected.__name__}: "
+                           f"{type(mc).__name__}")
+    return mc
+
+
 def _sd15_model_config(layout: str):
     """A comfy.supported_models.SD15 instance for the layout, chosen by ComfyUI's own matcher."""
-    import comfy.model_detection
     import comfy.supported_models
     _check_layout(layout)
-    unet_config = dict(_SD15_COMMON, **_SD15_LAYOUTS[layout])
-    mc = comfy.model_detection.model_config_from_unet_config(unet_config)
-    if type(mc) is not comfy.supported_models.SD15:
-        raise RuntimeError(f"ComfyUI does not detect the {layout} layout as SD15: {type(mc).__name__}")
-    return mc
+    return _detected_config(dict(_SD15_COMMON, **_SD15_LAYOUTS[layout]), comfy.supported_models.SD15)
 
 
 def sd15_unet_config(layout: str) -> dict:
@@ -448,14 +465,11 @@ def build_sdxl_model(seed: int = 0, dtype: torch.dtype = torch.float16):
     through its manual-cast ops, as it does for a loaded fp16 checkpoint. Hold only one at a time.
     """
     _ensure_comfy()
-    import comfy.model_detection
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
 
-    mc = comfy.model_detection.model_config_from_unet_config(dict(_SDXL_UNET_CONFIG))
-    if type(mc) is not comfy.supported_models.SDXL:
-        raise RuntimeError(f"ComfyUI does not detect the SDXL config as SDXL: {type(mc).__name__}")
+    mc = _detected_config(_SDXL_UNET_CONFIG, comfy.supported_models.SDXL)
     load_device = mm.get_torch_device()
     manual_cast = mm.unet_manual_cast(dtype, load_device, mc.supported_inference_dtypes)
     mc.set_inference_dtype(dtype, manual_cast)
@@ -478,35 +492,71 @@ def build_sdxl_checkpoint(path: PathLike, seed: int = 0) -> Path:
     Keys are those ComfyUI's checkpoint saver writes for SDXL (model.diffusion_model.*,
     conditioner.embedders.0.* for CLIP-L, conditioner.embedders.1.model.* for CLIP-G in the
     OpenCLIP layout, first_stage_model.*), from SDXL.state_dict_for_saving. The file is 6.9 GB, so
-    the UNet (2.6B parameters) is built on the 'meta' device and its tensors are drawn and written
-    one at a time (safetensors layout written directly: header, then the data in header order);
-    peak memory is the text encoders and VAE (about 1.8 GB). The UNet's values are those of
-    ``build_sdxl_model(seed)``: same names, same generators, same rule.
+    it is written by ``_write_streamed_checkpoint`` (peak memory: the text encoders and VAE, about
+    1.8 GB). The UNet's values are those of ``build_sdxl_model(seed)``: same names, same
+    generators, same rule.
     """
-    import json as _json
     path = Path(path)
     if path.exists():
         return path
     _ensure_comfy()
-    import comfy.ldm.models.autoencoder
-    import comfy.model_detection
     import comfy.supported_models
+    return _write_streamed_checkpoint(path, _detected_config(_SDXL_UNET_CONFIG, comfy.supported_models.SDXL),
+                                      seed, "sdxl")
+
+
+def build_sd21_checkpoint(path: PathLike, seed: int = 0) -> Path:
+    """Write (or reuse) a random-weight SD2.1 768-v checkpoint: UNet + OpenCLIP ViT-H text encoder
+    + VAE, fp16 (2.4 GiB).
+
+    The exact SD2.1 UNet (SD1.5's levels and depths with context 1024, 64-channel heads, linear
+    proj_in/proj_out; 866M parameters), ComfyUI's SD2 text encoder (OpenCLIP ViT-H text tower:
+    1024 wide, 24 layers; its tokenizer pads with 0) and the SD VAE. Keys are those ComfyUI's saver
+    writes for SD20 (model.diffusion_model.*, cond_stage_model.model.* in the OpenCLIP layout,
+    first_stage_model.*). ComfyUI detects it as ``SD20`` and, like a real 768-v file (no ``v_pred``
+    key), reads it as v-prediction because the std of
+    ``output_blocks.11.1.transformer_blocks.0.norm1.bias`` exceeds 0.09: that bias is drawn with
+    std _SD2_V_PRED_BIAS_STD on purpose (the default bias std, 0.02, would make it an EPS model).
+    """
+    path = Path(path)
+    if path.exists():
+        return path
+    _ensure_comfy()
+    import comfy.model_base
+    import comfy.supported_models
+    mc = _detected_config(_SD21_UNET_CONFIG, comfy.supported_models.SD20)
+    bias = torch.tensor([_SD2_V_PRED_BIAS_STD, -_SD2_V_PRED_BIAS_STD])  # std exactly _SD2_V_PRED_BIAS_STD
+    if mc.model_type({_SD2_V_PRED_BIAS: bias}) != comfy.model_base.ModelType.V_PREDICTION:  # ComfyUI's rule
+        raise RuntimeError(f"ComfyUI would not read std {_SD2_V_PRED_BIAS_STD} of {_SD2_V_PRED_BIAS} as 768-v")
+    return _write_streamed_checkpoint(path, mc, seed, "sd21", unet_std={_SD2_V_PRED_BIAS: _SD2_V_PRED_BIAS_STD})
+
+
+def _write_streamed_checkpoint(path: Path, mc, seed: int, tag: str, unet_std: Optional[dict] = None) -> Path:
+    """Write the checkpoint of model config `mc` (UNet + its text encoders + the SD VAE, fp16) with the
+    keys ``mc``'s model writes with state_dict_for_saving. The UNet is built on the 'meta' device and
+    its tensors are drawn and written one at a time (safetensors layout written directly: header,
+    then the data in header order), so peak memory is the text encoders and the VAE. Generators are
+    named "<tag>-unet/<name>", "<tag>-clip/...", "<tag>-vae/..."; unet_std: UNet parameter name ->
+    the std to draw it with instead of the rule's."""
+    import json as _json
+    import comfy.ldm.models.autoencoder
 
     cpu, meta, fp16 = torch.device("cpu"), torch.device("meta"), torch.float16
-    mc = comfy.model_detection.model_config_from_unet_config(dict(_SDXL_UNET_CONFIG))
-    if type(mc) is not comfy.supported_models.SDXL:
-        raise RuntimeError(f"ComfyUI does not detect the SDXL config as SDXL: {type(mc).__name__}")
+    unet_std = dict(unet_std or {})
     mc.set_inference_dtype(fp16, None)
     model = mc.get_model({}, device=meta)
     unet = model.diffusion_model
-    te = mc.clip_target().clip(device=cpu, dtype=fp16, model_options={})  # sdxl_clip.SDXLClipModel
-    _fill_random_(te, seed, "sdxl-clip")
+    te = mc.clip_target().clip(device=cpu, dtype=fp16, model_options={})
+    _fill_random_(te, seed, f"{tag}-clip")
     vae = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=dict(_SD_VAE_DDCONFIG), embed_dim=4).to(fp16)
-    _fill_random_(vae, seed, "sdxl-vae")
+    _fill_random_(vae, seed, f"{tag}-vae")
     sd = model.state_dict_for_saving(te.state_dict(), vae.state_dict())
     del te, vae
 
     unet_prefix = "model.diffusion_model."
+    missing = set(unet_std) - {k[len(unet_prefix):] for k in sd if k.startswith(unet_prefix)}
+    if missing:
+        raise KeyError(f"no such UNet parameter: {sorted(missing)}")
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for key, t in sd.items():
         if t.device.type == "meta" and not key.startswith(unet_prefix):
@@ -528,9 +578,11 @@ def build_sdxl_checkpoint(path: PathLike, seed: int = 0) -> Path:
             f.write(head)
             for key, t in sd.items():
                 if t.device.type == "meta":  # a UNet parameter: drawn as _fill_random_ draws it
-                    mname, _, pname = key[len(unet_prefix):].rpartition(".")
+                    name = key[len(unet_prefix):]
+                    mname, _, pname = name.rpartition(".")
                     t = torch.empty(t.shape, dtype=fp16)
-                    _fill_parameter_(t, seed, f"sdxl-unet/{mname}.{pname}", mname in norm_modules and pname == "weight")
+                    _fill_parameter_(t, seed, f"{tag}-unet/{mname}.{pname}",
+                                     mname in norm_modules and pname == "weight", unet_std.get(name))
                 f.write(_tensor_bytes(t))
 
     return _atomic_write(path, write)
@@ -566,5 +618,5 @@ __all__ = [
     "DEFAULT_COMFYUI_ROOT", "DEFAULT_MODEL_CACHE", "FACTORY_VERSION", "LAYOUTS",
     "prepare_comfy_import", "cache_path", "sd15_unet_config",
     "build_sd15_checkpoint", "build_sd15_lora", "lora_key_count", "build_sd15_controlnet",
-    "build_sdxl_model", "build_sdxl_checkpoint", "sdxl_tokenizer", "sdxl_conditioning", "sd15_conditioning",
+    "build_sdxl_model", "build_sdxl_checkpoint", "build_sd21_checkpoint", "sdxl_tokenizer", "sdxl_conditioning", "sd15_conditioning",
 ]

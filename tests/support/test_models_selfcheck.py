@@ -33,6 +33,7 @@ import comfy.controlnet  # noqa: E402
 import comfy.model_base  # noqa: E402
 import comfy.model_detection  # noqa: E402
 import comfy.model_management  # noqa: E402
+import comfy.model_sampling  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.sd  # noqa: E402
 import comfy.supported_models  # noqa: E402
@@ -117,6 +118,11 @@ def full_path():
 
 
 @pytest.fixture(scope="module")
+def sd21_path():
+    return M.build_sd21_checkpoint(M.cache_path(CACHE, "sd21"))
+
+
+@pytest.fixture(scope="module")
 def lora_path():
     return M.build_sd15_lora(M.cache_path(CACHE, "sd15-lora", "mini"), "mini")
 
@@ -146,9 +152,10 @@ def test_checkpoint_file_layout(request, layout):
 
 
 class _LoadedSD15:
-    """A loaded checkpoint plus the results of one recorded forward/backward at 64 px."""
+    """A loaded checkpoint plus the results of one recorded forward/backward at 64 px (random
+    conditioning of the model's context width: SD1.5's 768 unless told)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, cond=None):
         self.model, self.clip, self.vae, _ = comfy.sd.load_checkpoint_guess_config(str(path))
         self.model.model.requires_grad_(False)
         dm = self.model.model.diffusion_model
@@ -157,11 +164,13 @@ class _LoadedSD15:
             gen = torch.Generator().manual_seed(0)
             x = torch.randn((1, 4, 8, 8), generator=gen).requires_grad_(True)
             sigma = self.model.model.model_sampling.sigmas[500].reshape(1)
-            cond = M.sd15_conditioning(1, seed=0)[0][0]
+            if cond is None:
+                cond = M.sd15_conditioning(1, seed=0)[0][0]
             with torch.inference_mode(False), torch.enable_grad():
                 denoised = self.model.model.apply_model(x, sigma, c_crossattn=cond)
-                # EPS model: denoised = x - eps * sigma. The loss is taken on the UNet's own
-                # prediction, so a dead UNet (zero output conv) gives a zero gradient.
+                # EPS model: denoised = x - eps * sigma (for a v model, eps is a linear function of its
+                # prediction). The loss is taken on the UNet's own prediction, so a dead UNet (zero
+                # output conv) gives a zero gradient.
                 eps = (x - denoised) / sigma
                 (grad,) = torch.autograd.grad(eps.float().square().mean(), x)
         finally:
@@ -187,8 +196,8 @@ def full(full_path):
     _release()
 
 
-def _check_loaded(loaded, expected_attn):
-    assert type(loaded.model.model.model_config).__name__ == "SD15"
+def _check_loaded(loaded, expected_attn, config="SD15"):
+    assert type(loaded.model.model.model_config).__name__ == config
     assert type(loaded.model.model) is comfy.model_base.BaseModel
     assert loaded.clip is not None and loaded.vae is not None
     assert {k: v[0] for k, v in loaded.attn.items()} == {
@@ -218,6 +227,71 @@ class TestFull:
     def test_full_vae_decodes(self, full):
         gen = torch.Generator().manual_seed(1)
         images = full.vae.decode(torch.randn((1, 4, 8, 8), generator=gen))
+        assert images.shape[-3:] == (64, 64, 3)
+        assert torch.isfinite(images).all() and images.float().std() > 0
+
+
+@pytest.fixture(scope="class")
+def sd21(sd21_path):
+    gen = torch.Generator().manual_seed(0)
+    loaded = _LoadedSD15(sd21_path, cond=torch.randn((1, 77, 1024), generator=gen))
+    yield loaded
+    del loaded
+    _release()
+
+
+class TestSD21:
+    def test_sd21_file_layout(self, sd21_path):
+        from safetensors import safe_open
+        with safe_open(str(sd21_path), framework="pt") as f:
+            keys = set(f.keys())
+            dtypes = {k: f.get_slice(k).get_dtype() for k in keys}
+            unet_params = sum(int(torch.Size(f.get_slice(k).get_shape()).numel())
+                              for k in keys if k.startswith("model.diffusion_model."))
+            bias = f.get_tensor("model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias")
+        # fp16 but CLIP's logit_scale, which ComfyUI's saver writes as it holds it (fp32)
+        assert {k for k, d in dtypes.items() if d != "F16"} == {"cond_stage_model.model.logit_scale"}
+        assert unet_params == 865_910_724  # the SD2.1 UNet
+        # The text encoder in the OpenCLIP layout a real SD2.1 file has: fused qkv, 24 layers, no v_pred key.
+        te = "cond_stage_model.model."
+        assert {te + "token_embedding.weight", te + "text_projection", te + "ln_final.weight",
+                te + "transformer.resblocks.23.attn.in_proj_weight"} <= keys
+        assert te + "transformer.resblocks.24.attn.in_proj_weight" not in keys
+        assert "v_pred" not in keys and all(k.startswith(("model.diffusion_model.", te, "first_stage_model."))
+                                             for k in keys)
+        assert torch.std(bias.float(), unbiased=False) > 0.09  # ComfyUI's 768-v rule, met on purpose
+
+    def test_sd21_loads_as_sd2_v_prediction(self, sd21, sd21_path):
+        _check_loaded(sd21, SD15_FULL_ATTN, config="SD20")
+        base = sd21.model.model
+        assert base.model_type == comfy.model_base.ModelType.V_PREDICTION
+        assert isinstance(base.model_sampling, comfy.model_sampling.V_PREDICTION)
+        unet = base.diffusion_model
+        attn2 = unet.output_blocks[11][1].transformer_blocks[0].attn2
+        assert attn2.heads == 5 and attn2.to_k.in_features == 1024  # 64-channel heads, OpenCLIP-H context
+        assert isinstance(unet.input_blocks[1][1].proj_in, torch.nn.Linear)
+        # Every text-encoder tensor of the file reached ComfyUI's SD2 CLIP (OpenCLIP -> HF names).
+        h = sd21.clip.cond_stage_model.clip_h.transformer.text_model
+        assert len(h.encoder.layers) == 24 and h.embeddings.token_embedding.weight.shape == (49408, 1024)
+        from safetensors import safe_open
+        with safe_open(str(sd21_path), framework="pt") as f:
+            qkv = f.get_tensor("cond_stage_model.model.transformer.resblocks.23.attn.in_proj_weight")
+            emb = f.get_tensor("cond_stage_model.model.token_embedding.weight")
+        assert torch.equal(h.encoder.layers[23].self_attn.k_proj.weight.to(qkv.dtype), qkv[1024:2048])
+        assert torch.equal(h.embeddings.token_embedding.weight.to(emb.dtype), emb)
+
+    def test_sd21_tokenizer_pads_with_zero_and_encodes(self, sd21):
+        tokens = sd21.clip.tokenize("a cat and a frog")
+        assert set(tokens) == {"h"}
+        ids = [t[0] for t in tokens["h"][0]]
+        # start, a cat and a frog, end, then 70 pads of id 0 (SD1.5's CLIP-L pads with the end id 49407)
+        assert len(ids) == 77 and ids[0] == 49406 and ids[6] == 49407 and ids[7:] == [0] * 70
+        cond = sd21.clip.encode_from_tokens(tokens)
+        assert cond.shape == (1, 77, 1024) and torch.isfinite(cond).all() and cond.float().std() > 0
+
+    def test_sd21_vae_decodes(self, sd21):
+        gen = torch.Generator().manual_seed(1)
+        images = sd21.vae.decode(torch.randn((1, 4, 8, 8), generator=gen))
         assert images.shape[-3:] == (64, 64, 3)
         assert torch.isfinite(images).all() and images.float().std() > 0
 
