@@ -52,6 +52,14 @@ if [ ! -f "$STAMP" ]; then
   touch "$STAMP"
 fi
 
+# The A&E parity test (tests/host/test_ae_parity.py) compares the attend_excite mode with diffusers'
+# StableDiffusionAttendAndExcitePipeline: the pinned test extra of benchmarks/requirements.txt.
+DIFFUSERS_PIN="$(grep -E '^diffusers==' "$PACK_DIR/benchmarks/requirements.txt")"
+if [ "$("$PY" -c "import diffusers; print('diffusers==' + diffusers.__version__)" 2>/dev/null)" != "$DIFFUSERS_PIN" ]; then
+  log "installing $DIFFUSERS_PIN into the venv (A&E parity test)"
+  "$PY" -m pip install -q -r "$PACK_DIR/benchmarks/requirements.txt"
+fi
+
 # The browser test (tests/host/test_browser.py) drives Debian's Chromium with Python playwright. playwright's
 # wheel carries its driver; no browser is downloaded (`playwright install` is never run).
 PLAYWRIGHT_PIN="playwright==1.65.2"
