@@ -159,7 +159,7 @@ class _GuidedRun:
                 x_new = self._guide(model, x, sigma0, step, position, extra_args)
                 if x_new is not None:
                     x.copy_(x_new)  # in place: the sampler continues from this very tensor
-                self.guided_x[step] = x
+                    self.guided_x[step] = x  # checked against the sampler's report of this step
             else:
                 logging.info("A-STAR: step %d: the prompt is inactive at this sigma (timestep range); "
                              "guidance skipped", step)

@@ -146,3 +146,23 @@ def test_stacking_two_astar_patches_is_refused(host, loaded):
     with pytest.raises(ValueError, match="already applied to this model.*once"):
         build(patched, "cat", "1/16", guidance_end=0.5)
     build(model, "cat", "1/16")  # the unpatched model is untouched
+
+
+def test_overlay_shows_the_maps_the_loss_saw_by_default(host, loaded):
+    """The overlay's default maps and its report's peaks are the maps as the loss saw them (layer mean,
+    token softmax, smoothing; at guided steps those of the guidance pass), not a mean of per-layer maps."""
+    import re
+    model, clip = loaded
+    _, runs = _sample(model, _encode(clip, PROMPT), _encode(clip, "", astar=False), guidance_end=0.5, step_size=20.0)
+    overlay = host.nodes.NODE_CLASS_MAPPINGS["AStarAttentionOverlay"]
+    image = torch.rand(1, 64, 64, 3)
+    report = overlay.execute(attention=runs, image=image).args[-1]
+    rows = [line.split() for line in report.splitlines() if re.match(r"\s*\d+\s", line)]
+    peaks = torch.tensor([[float(v) for v in row[-2:]] for row in rows])  # peak cat, peak frog per step
+    rec = runs[-1]
+    seen = torch.stack([s.loss_maps[0].flatten(1).amax(-1) for s in rec.steps])
+    per_layer = torch.stack([s.maps[:, 0].mean(0).flatten(1).amax(-1) for s in rec.steps])
+    torch.testing.assert_close(peaks, seen, atol=6e-5, rtol=0)  # printed with 4 decimals
+    assert (per_layer - seen).abs().max() > 1e-3  # the other view really differs
+    layered = overlay.execute(attention=runs, image=image, layers="all").args[-1]
+    assert "4 layers" in layered and "1 layers" in report
