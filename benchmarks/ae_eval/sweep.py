@@ -1,0 +1,197 @@
+"""The job grid (methods x prompts x seeds) spread over ComfyUI servers with Ray.
+
+One threaded Ray actor per server (a local Ray instance unless --ray-address names a cluster)
+keeps ``depth`` jobs queued on its server. The driver builds each job's graph for the server it
+goes to, writes every result into the result folder as it arrives (store.py) and skips jobs done
+by an earlier run. A server that drops is left alone and polled; its jobs go back to the queue and
+run elsewhere (or on it, once it answers again). A job that fails on a server is retried up to
+``max_attempts`` times; a graph a server rejects stops the sweep (a configuration error)."""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+
+from . import graphs, store
+from .prompts import slug
+from .worker import ServerWorker
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]   # benchmarks/, shipped to a Ray cluster's workers
+OBJECT_STORE_BYTES = 200 * 1024 ** 2
+
+
+class SweepAborted(RuntimeError):
+    """No server answered for too long, or a server rejected a graph; done images are kept."""
+
+
+@dataclasses.dataclass
+class SweepConfig:
+    servers: list[str]
+    out: Path
+    methods: dict[str, dict]
+    prompts: list[dict]
+    seeds: list[int]
+    settings: dict = dataclasses.field(default_factory=dict)   # {"size": px, "inputs": {name: value}}
+    overlay_prompts: frozenset = frozenset()
+    job_timeout: float = 1800
+    depth: int = 2                  # jobs queued per server
+    max_attempts: int = 3           # per job, for failures on a live server
+    server_wait: float = 600        # seconds to wait when no server answers
+    poll: float = 2.0               # seconds between checks of a dropped server
+    max_new: int | None = None      # stop after this many new images (a partial run)
+    ray_address: str | None = None
+    progress: bool = True
+
+
+def plan(cfg: SweepConfig) -> list[dict]:
+    """Every job, ordered so that the methods of one prompt and seed run together."""
+    return [{"method": m, "prompt": p["prompt"], "category": p["category"], "concepts": p["concepts"],
+             "slug": slug(p["prompt"]), "seed": s, "overlay": p["prompt"] in cfg.overlay_prompts}
+            for p in cfg.prompts for s in cfg.seeds for m in cfg.methods]
+
+
+def job_key(job: dict) -> str:
+    return f"{job['method']}/{job['slug']}/{job['seed']}"
+
+
+def signatures(cfg: SweepConfig) -> dict[str, dict]:
+    return {name: {"method": m, "settings": cfg.settings} for name, m in cfg.methods.items()}
+
+
+def start_ray(address: str | None, n_servers: int):
+    import ray
+    if not ray.is_initialized():
+        common = {"include_dashboard": False, "log_to_driver": False, "logging_level": "warning"}
+        if address:
+            ray.init(address=address, runtime_env={"py_modules": [str(PACKAGE_ROOT)]}, **common)
+        else:
+            ray.init(num_cpus=max(1, n_servers), object_store_memory=OBJECT_STORE_BYTES,
+                     _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"), **common)
+    return ray
+
+
+class Servers:
+    """The actors, which servers answer, and each live server's templates."""
+
+    def __init__(self, ray, cfg: SweepConfig):
+        actor_class = ray.remote(num_cpus=0, max_concurrency=cfg.depth + 2, max_restarts=3)(ServerWorker)
+        self.ray, self.cfg = ray, cfg
+        self.actors = [actor_class.remote(url, cfg.job_timeout) for url in cfg.servers]
+        self.templates: dict[int, dict] = {}
+        self.down_since: dict[int, float] = {i: time.monotonic() for i in range(len(cfg.servers))}
+        self.last_poll = -1e9
+
+    def poll_down(self, force: bool = False) -> None:
+        """Asks every dropped server for its nodes (at most every cfg.poll s); answering ones are live."""
+        if not self.down_since or (not force and time.monotonic() - self.last_poll < self.cfg.poll):
+            return
+        self.last_poll = time.monotonic()
+        idx = list(self.down_since)
+        infos = self.ray.get([self.actors[i].object_info.remote() for i in idx])
+        for i, info in zip(idx, infos):
+            if info is not None:
+                self.templates[i] = self._templates(info)
+                del self.down_since[i]
+
+    def _templates(self, info: dict) -> dict:
+        cfg = self.cfg
+        out = {(name, overlay): graphs.method_template(name, m, info, overlay)
+               for name, m in cfg.methods.items() for overlay in {False, bool(cfg.overlay_prompts)}}
+        graphs.check_settings(cfg.settings, out)
+        return {"templates": out, "info": info}
+
+    def graph(self, i: int, job: dict) -> tuple[dict, str]:
+        t = self.templates[i]["templates"][(job["method"], job["overlay"])]
+        g = graphs.job_graph(t, job, self.cfg.settings)
+        graphs.check_graph(g, self.templates[i]["info"], job["method"])
+        return g, t["image_node"]
+
+    def drop(self, i: int) -> None:
+        self.down_since.setdefault(i, time.monotonic())
+        self.templates.pop(i, None)
+
+    def live(self) -> list[int]:
+        return [i for i in range(len(self.actors)) if i not in self.down_since]
+
+
+def _progress(cfg: SweepConfig, total: int, done: int):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=done, unit="img", disable=not cfg.progress, dynamic_ncols=True,
+                desc="sweep", smoothing=0.1)
+
+
+def run_sweep(cfg: SweepConfig) -> dict:
+    """Runs every job not yet in cfg.out. Returns counts, failures and throughput."""
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    store.claim_signatures(cfg.out, signatures(cfg))
+    jobs = plan(cfg)
+    queue = collections.deque(j for j in jobs if not store.is_done(cfg.out, j))
+    done_before = len(jobs) - len(queue)
+    ray = start_ray(cfg.ray_address, len(cfg.servers))
+    servers = Servers(ray, cfg)
+    servers.poll_down(force=True)
+    inflight: dict = {}                   # future -> (server index, job)
+    attempts = collections.Counter()
+    failures, ran, t0 = {}, [], time.monotonic()
+    bar = _progress(cfg, len(jobs), done_before)
+    try:
+        while queue or inflight:
+            budget_left = cfg.max_new is None or len(ran) + len(inflight) < cfg.max_new
+            for i in servers.live():
+                while queue and budget_left and sum(s == i for s, _ in inflight.values()) < cfg.depth:
+                    job = queue.popleft()
+                    graph, image_node = servers.graph(i, job)
+                    fut = servers.actors[i].run.remote(job_key(job), graph, image_node, job["overlay"])
+                    inflight[fut] = (i, job)
+                    budget_left = cfg.max_new is None or len(ran) + len(inflight) < cfg.max_new
+            if not inflight:
+                if not budget_left or not queue:
+                    break
+                _wait_for_a_server(servers, cfg)
+                continue
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=cfg.poll)
+            for fut in ready:
+                i, job = inflight.pop(fut)
+                result = _result(ray, fut, cfg.servers[i])
+                if result["status"] == "ok":
+                    if not store.is_done(cfg.out, job):
+                        store.save_result(cfg.out, job, result)
+                        ran.append(job_key(job))
+                        bar.update(1)
+                elif result["status"] == "unavailable":
+                    servers.drop(i)
+                    queue.appendleft(job)
+                elif result["status"] == "rejected":
+                    raise SweepAborted(f"{job_key(job)}: {result['message']}")
+                else:
+                    attempts[job_key(job)] += 1
+                    if attempts[job_key(job)] < cfg.max_attempts:
+                        queue.append(job)
+                    else:
+                        failures[job_key(job)] = result["message"]
+            servers.poll_down()
+    finally:
+        bar.close()
+    seconds = time.monotonic() - t0
+    return {"jobs": len(jobs), "done_before": done_before, "ran": ran, "failures": failures,
+            "seconds": seconds, "images_per_min": 60 * len(ran) / seconds if seconds > 0 else 0.0}
+
+
+def _result(ray, fut, url: str) -> dict:
+    try:
+        return ray.get(fut)
+    except ray.exceptions.RayActorError as e:
+        return {"status": "unavailable", "server": url, "message": f"the actor for {url} died: {e}"}
+
+
+def _wait_for_a_server(servers: Servers, cfg: SweepConfig) -> None:
+    deadline = time.monotonic() + cfg.server_wait
+    while time.monotonic() < deadline:
+        servers.poll_down(force=True)
+        if servers.live():
+            return
+        time.sleep(cfg.poll)
+    raise SweepAborted(f"no server answered for {cfg.server_wait:.0f} s ({', '.join(cfg.servers)}); the images "
+                       f"made so far are in {cfg.out}: run the same command again to resume")
