@@ -18,6 +18,11 @@ class SweepMismatch(ValueError):
     """The folder holds images of a method made with other settings."""
 
 
+def job_key(job: dict) -> str:
+    """method/prompt slug/seed: a job's name in logs, scores and the servers' history."""
+    return f"{job['method']}/{job['slug']}/{job['seed']}"
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -52,10 +52,6 @@ def plan(cfg: SweepConfig) -> list[dict]:
             for p in cfg.prompts for s in cfg.seeds for m in cfg.methods]
 
 
-def job_key(job: dict) -> str:
-    return f"{job['method']}/{job['slug']}/{job['seed']}"
-
-
 def signatures(cfg: SweepConfig) -> dict[str, dict]:
     return {name: {"method": m, "settings": cfg.settings} for name, m in cfg.methods.items()}
 
@@ -143,7 +139,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
                 while queue and budget_left and sum(s == i for s, _ in inflight.values()) < cfg.depth:
                     job = queue.popleft()
                     graph, image_node = servers.graph(i, job)
-                    fut = servers.actors[i].run.remote(job_key(job), graph, image_node, job["overlay"])
+                    fut = servers.actors[i].run.remote(store.job_key(job), graph, image_node, job["overlay"])
                     inflight[fut] = (i, job)
                     budget_left = cfg.max_new is None or len(ran) + len(inflight) < cfg.max_new
             if not inflight:
@@ -158,19 +154,19 @@ def run_sweep(cfg: SweepConfig) -> dict:
                 if result["status"] == "ok":
                     if not store.is_done(cfg.out, job):
                         store.save_result(cfg.out, job, result)
-                        ran.append(job_key(job))
+                        ran.append(store.job_key(job))
                         bar.update(1)
                 elif result["status"] == "unavailable":
                     servers.drop(i)
                     queue.appendleft(job)
                 elif result["status"] == "rejected":
-                    raise SweepAborted(f"{job_key(job)}: {result['message']}")
+                    raise SweepAborted(f"{store.job_key(job)}: {result['message']}")
                 else:
-                    attempts[job_key(job)] += 1
-                    if attempts[job_key(job)] < cfg.max_attempts:
+                    attempts[store.job_key(job)] += 1
+                    if attempts[store.job_key(job)] < cfg.max_attempts:
                         queue.append(job)
                     else:
-                        failures[job_key(job)] = result["message"]
+                        failures[store.job_key(job)] = result["message"]
             servers.poll_down()
     finally:
         bar.close()
