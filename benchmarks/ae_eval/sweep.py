@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from .worker import ServerWorker
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]   # benchmarks/, shipped to a Ray cluster's workers
 OBJECT_STORE_BYTES = 200 * 1024 ** 2
+ACTOR_TIMEOUT_S = 60                 # for an answer of a ready or polled actor
 
 
 class SweepAborted(RuntimeError):
@@ -63,6 +65,9 @@ def start_ray(address: str | None, n_servers: int):
         if address:
             ray.init(address=address, runtime_env={"py_modules": [str(PACKAGE_ROOT)]}, **common)
         else:
+            # The actors only wait on HTTP (~100 MB each): Ray's memory monitor, which kills workers
+            # when the machine runs short, would only kill them while the servers use the memory.
+            os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
             ray.init(num_cpus=max(1, n_servers), object_store_memory=OBJECT_STORE_BYTES,
                      _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"), **common)
     return ray
@@ -85,8 +90,9 @@ class Servers:
             return
         self.last_poll = time.monotonic()
         idx = list(self.down_since)
-        infos = self.ray.get([self.actors[i].object_info.remote() for i in idx])
-        for i, info in zip(idx, infos):
+        refs = [self.actors[i].object_info.remote() for i in idx]
+        for i, ref in zip(idx, refs):
+            info = _get(self.ray, ref, None)
             if info is not None:
                 self.templates[i] = self._templates(info)
                 del self.down_since[i]
@@ -175,11 +181,17 @@ def run_sweep(cfg: SweepConfig) -> dict:
             "seconds": seconds, "images_per_min": 60 * len(ran) / seconds if seconds > 0 else 0.0}
 
 
-def _result(ray, fut, url: str) -> dict:
+def _get(ray, ref, default):
+    """ray.get, or default when the actor is restarting or gone (Ray restarts it; the server is
+    then polled again)."""
     try:
-        return ray.get(fut)
-    except ray.exceptions.RayActorError as e:
-        return {"status": "unavailable", "server": url, "message": f"the actor for {url} died: {e}"}
+        return ray.get(ref, timeout=ACTOR_TIMEOUT_S)
+    except ray.exceptions.RayError:
+        return default
+
+
+def _result(ray, fut, url: str) -> dict:
+    return _get(ray, fut, {"status": "unavailable", "server": url, "message": f"the actor for {url} was lost"})
 
 
 def _wait_for_a_server(servers: Servers, cfg: SweepConfig) -> None:

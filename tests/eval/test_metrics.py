@@ -9,9 +9,6 @@ import torch
 from PIL import Image
 
 from benchmarks.ae_eval import metrics, scoring, stats
-from benchmarks.ae_eval.prompts import load_prompts
-from support import host as hosts
-from support.eval_models import build_tiny_blip, build_tiny_clip
 
 T_975_DF3 = 3.182446305284263   # Student t, 97.5 % quantile, 3 degrees of freedom (tables)
 
@@ -70,13 +67,6 @@ def test_summary_averages_seeds_per_prompt_first():
             for p, values in (("p1", [0.0, 1.0, 2.0]), ("p2", [4.0])) for k, v in enumerate(values)]
     cell = stats.summary(rows)["clip_full"][("c", "m")]
     assert cell["n"] == 2 and cell["mean"] == pytest.approx((1.0 + 4.0) / 2)   # not (0+1+2+4)/4
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval-models")
-    words = sorted({w for r in load_prompts() for w in r["prompt"].split()})
-    return build_tiny_clip(root / "clip", hosts.comfy_root()), build_tiny_blip(root / "blip", words)
 
 
 def test_scorer_equals_the_metrics_on_the_models_own_embeddings(tiny_models):

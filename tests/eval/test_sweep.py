@@ -1,0 +1,113 @@
+"""Sweeps end to end on two local ComfyUI servers under a local Ray instance: the README's one
+command (sweep, score, report), and a sweep interrupted, resumed, and losing a server midway."""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from benchmarks.ae_eval import graphs, store
+from benchmarks.ae_eval.__main__ import main
+from benchmarks.ae_eval.prompts import load_prompts, slug
+from benchmarks.ae_eval.sweep import SweepConfig, plan, run_sweep
+
+from .conftest import GUIDANCE, MINI, SMALL
+
+METHODS = ("plain", "astar", "attend_excite")
+
+
+def one_per_category():
+    records = load_prompts()
+    return [next(r for r in records if r["category"] == c) for c in ("animal-animal", "animal-object", "object-object")]
+
+
+def test_the_one_command_sweeps_scores_and_reports(two_servers, tiny_models, tmp_path):
+    out = tmp_path / "out"
+    prompts = one_per_category()
+    overlay = prompts[0]["prompt"]
+    args = ["all", "--out", str(out), "--servers", ",".join(s.url for s in two_servers),
+            "--prompts-per-category", "1", "--seeds", "1", "--ckpt", MINI, "--size", "64", "--steps", "3",
+            "--overlay-prompt", overlay, "--no-progress", "--clip", str(tiny_models[0]), "--blip", str(tiny_models[1])]
+    args += [f"--set={k}={v}" for k, v in GUIDANCE.items()]
+    assert main(args) == 0
+    recs = store.records(out)
+    assert sorted(store.job_key(r) for r in recs) == sorted(f"{m}/{slug(r['prompt'])}/0" for r in prompts for m in METHODS)
+    assert {r["server"] for r in recs} == {s.url for s in two_servers}       # spread over both
+    scores = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert sorted(s["key"] for s in scores) == sorted(store.job_key(r) for r in recs)
+    report = out / "report"
+    summary = json.loads((report / "summary.json").read_text())
+    assert sorted((r["category"], r["method"]) for r in summary) == \
+        sorted((p["category"], m) for p in prompts for m in METHODS)
+    row = next(r for r in summary if (r["category"], r["method"]) == ("animal-object", "astar"))
+    assert row["blip_text_paper"] == 0.84
+    assert row["clip_full"]["mean"] == next(s["clip_full"] for s in scores if s["key"].startswith("astar/a_bear_with"))
+    assert sorted(p.name for p in (report / "grids").iterdir()) == sorted(f"{slug(p['prompt'])}.png" for p in prompts)
+    assert sorted(p.name for p in (report / "plots").iterdir()) == ["blip_text.png", "clip_full.png", "clip_min.png"]
+    html = (report / "index.html").read_text()
+    for m in METHODS:   # the overlay prompt kept its attention overlays, for every method
+        extras = store.extras_dir(out, {"method": m, "slug": slug(prompts[0]["prompt"]), "seed": 0})
+        assert any("heatmaps" in p.name for p in extras.iterdir()), m
+        assert os.path.relpath(next(extras.iterdir()), report) in html
+    assert not store.extras_dir(out, {"method": "astar", "slug": slug(prompts[1]["prompt"]), "seed": 0}).exists()
+    # Rerun: nothing to do, nothing rewritten.
+    before = {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")}
+    assert main(args) == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")} == before
+
+
+def history_jobs(server, keys) -> collections.Counter:
+    """How many times each of these jobs ran to success on a server, from its /history."""
+    runs = collections.Counter()
+    for entry in server.get("/history?max_items=10000").values():
+        key = entry["prompt"][3].get("ae_eval_job")
+        if key in keys and entry["status"]["status_str"] == "success":
+            runs[key] += 1
+    return runs
+
+
+def kill_on_first_record(out, server, exclude, deadline_s=240):
+    """Kills the server's process group (SIGKILL) as soon as it has saved a record not in exclude."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if any(r["server"] == server.url and store.job_key(r) not in exclude for r in store.records(out)):
+            os.killpg(server.proc.pid, signal.SIGKILL)
+            return
+        time.sleep(0.1)
+
+
+def test_interrupted_sweep_and_a_killed_server_lose_no_image_and_repeat_none(two_servers, tmp_path):
+    a, b = two_servers
+    cfg = SweepConfig(servers=[a.url, b.url], out=tmp_path / "out",
+                      methods={m: graphs.load_methods()[m] for m in ("plain", "astar")},
+                      prompts=one_per_category(), seeds=[1, 2], settings=SMALL, max_new=3, progress=False,
+                      poll=0.5, job_timeout=120)
+    keys = {store.job_key(j) for j in plan(cfg)}
+    assert len(keys) == 12
+    first = run_sweep(cfg)                               # interrupted after 3 images
+    assert len(first["ran"]) == 3 and not first["failures"]
+    first_records = {store.job_key(r): r for r in store.records(cfg.out)}
+    assert set(first_records) == set(first["ran"])
+
+    cfg.max_new = None
+    killer = threading.Thread(target=kill_on_first_record, args=(cfg.out, b, set(first_records)))
+    killer.start()
+    second = run_sweep(cfg)                              # resumed; b dies midway
+    killer.join()
+    assert b.proc.poll() is not None, "the server was not killed during the sweep"
+
+    recs = {store.job_key(r): r for r in store.records(cfg.out)}
+    assert set(recs) == keys and all(store.image_path(cfg.out, r).is_file() for r in recs.values())
+    assert {k: recs[k] for k in first_records} == first_records            # untouched by the rerun
+    assert second["done_before"] == 3 and sorted(second["ran"]) == sorted(keys - set(first_records))
+    assert not second["failures"]
+    on_b = {k for k, r in recs.items() if r["server"] == b.url}
+    assert on_b - set(first_records), "b made no image in the resumed sweep before it was killed"
+    runs_on_a = history_jobs(a, keys)
+    assert max(runs_on_a.values()) == 1                                   # a made no image twice
+    assert set(runs_on_a) | on_b == keys and not set(runs_on_a) & on_b     # every image made exactly once
