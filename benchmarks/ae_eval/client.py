@@ -69,11 +69,16 @@ class ComfyClient:
     def object_info(self) -> dict:
         return self.get_json("/object_info")
 
-    def submit(self, prompt: dict, extra_data: dict | None = None) -> str:
-        body = self.post_json("/prompt", {"prompt": prompt, "client_id": "ae-eval", "extra_data": extra_data or {}})
+    def submit(self, prompt: dict, prompt_id: str, extra_data: dict | None = None) -> str:
+        body = self.post_json("/prompt", {"prompt": prompt, "prompt_id": prompt_id, "client_id": "ae-eval",
+                                          "extra_data": extra_data or {}})
         if body.get("node_errors"):
             raise JobRejected(f"{self.url}: the server refused the graph: {body['node_errors']}")
         return body["prompt_id"]
+
+    def known(self, prompt_id: str) -> bool:
+        """The server has this prompt: finished (in its history) or queued."""
+        return prompt_id in self.get_json(f"/history/{prompt_id}") or self._queued(prompt_id)
 
     def _queued(self, prompt_id: str) -> bool:
         queue = self.get_json("/queue")

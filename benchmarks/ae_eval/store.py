@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 
@@ -56,7 +57,7 @@ def save_result(out: Path, job: dict, result: dict) -> dict:
     for name, data in result.get("extras", {}).items():
         write_atomic(extras_dir(out, job) / (name + (".txt" if name.endswith("_text") else ".png")), data)
     rec = {**job, "server": result["server"], "prompt_id": result["prompt_id"],
-           "seconds": round(result["seconds"], 3)}
+           "seconds": round(result["seconds"], 3), "saved_at": time.time()}
     write_atomic(record_path(out, job), json.dumps(rec, indent=1).encode())
     return rec
 

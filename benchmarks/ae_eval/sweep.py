@@ -58,8 +58,20 @@ def signatures(cfg: SweepConfig) -> dict[str, dict]:
     return {name: {"method": m, "settings": cfg.settings} for name, m in cfg.methods.items()}
 
 
-def start_ray(address: str | None, n_servers: int):
+def start_ray(address: str | None, n_servers: int, attempts: int = 3):
+    """Ray, started or joined once per process. A local start is retried: Ray gives its raylet a
+    fixed 30 s to register, which a heavily loaded machine can miss."""
     import ray
+    for attempt in range(attempts):
+        try:
+            return _init_ray(ray, address, n_servers)
+        except Exception as e:  # Ray raises a bare Exception for a raylet that did not register
+            if address or "timed out during startup" not in str(e) or attempt == attempts - 1:
+                raise
+            ray.shutdown()
+
+
+def _init_ray(ray, address: str | None, n_servers: int):
     if not ray.is_initialized():
         common = {"include_dashboard": False, "log_to_driver": False, "logging_level": "warning"}
         if address:

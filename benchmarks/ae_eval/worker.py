@@ -5,7 +5,10 @@ server's next job is queued while its current one runs. ``run`` never raises: it
 whose ``status`` says what happened ("ok", "unavailable", "failed", "rejected")."""
 from __future__ import annotations
 
+import hashlib
+import json
 import time
+import uuid
 
 from .prompts import slug
 from .client import ComfyClient, JobFailed, JobRejected, ServerUnavailable, output_images, output_texts
@@ -27,9 +30,13 @@ class ServerWorker:
             return None
 
     def run(self, job_key: str, graph: dict, image_node: str, keep_extras: bool) -> dict:
+        """Runs a job's graph, or adopts it when this server already has it (a job sent again after its
+        answer was lost: the prompt id is derived from the job and its graph)."""
         t0 = time.time()
+        prompt_id = job_prompt_id(job_key, graph)
         try:
-            prompt_id = self.client.submit(graph, {"ae_eval_job": job_key})
+            if not self.client.known(prompt_id):
+                self.client.submit(graph, prompt_id, {"ae_eval_job": job_key})
             entry = self.client.wait(prompt_id, self.job_timeout)
             refs = output_images(entry)
             image = next((ref for nid, ref in refs if nid == image_node), None)
@@ -53,3 +60,9 @@ class ServerWorker:
 def _title(graph: dict, nid: str) -> str:
     """A file-name form of a node's title ('Save Image (heatmaps)' -> 'save_image_heatmaps')."""
     return slug(graph.get(nid, {}).get("_meta", {}).get("title", nid))
+
+
+def job_prompt_id(job_key: str, graph: dict) -> str:
+    """The same job with the same graph always gets the same prompt id."""
+    digest = hashlib.sha256(json.dumps(graph, sort_keys=True).encode()).hexdigest()
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"ae-eval:{job_key}:{digest}"))

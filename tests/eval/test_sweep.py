@@ -2,7 +2,6 @@
 command (sweep, score, report), and a sweep interrupted, resumed, and losing a server midway."""
 from __future__ import annotations
 
-import collections
 import json
 import os
 import signal
@@ -61,14 +60,15 @@ def test_the_one_command_sweeps_scores_and_reports(two_servers, tiny_models, tmp
     assert {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")} == before
 
 
-def history_jobs(server, keys) -> collections.Counter:
-    """How many times each of these jobs ran to success on a server, from its /history."""
-    runs = collections.Counter()
+def runs_after_saving(server, recs: dict) -> list[str]:
+    """Jobs the server started again after their image was saved (from its /history)."""
+    late = []
     for entry in server.get("/history?max_items=10000").values():
         key = entry["prompt"][3].get("ae_eval_job")
-        if key in keys and entry["status"]["status_str"] == "success":
-            runs[key] += 1
-    return runs
+        starts = [d["timestamp"] / 1000 for ev, d in entry["status"]["messages"] if ev == "execution_start"]
+        if key in recs and any(t > recs[key]["saved_at"] for t in starts):
+            late.append(key)
+    return late
 
 
 def kill_on_first_record(out, server, exclude, deadline_s=240):
@@ -106,8 +106,7 @@ def test_interrupted_sweep_and_a_killed_server_lose_no_image_and_repeat_none(two
     assert {k: recs[k] for k in first_records} == first_records            # untouched by the rerun
     assert second["done_before"] == 3 and sorted(second["ran"]) == sorted(keys - set(first_records))
     assert not second["failures"]
-    on_b = {k for k, r in recs.items() if r["server"] == b.url}
-    assert on_b - set(first_records), "b made no image in the resumed sweep before it was killed"
-    runs_on_a = history_jobs(a, keys)
-    assert max(runs_on_a.values()) == 1                                   # a made no image twice
-    assert set(runs_on_a) | on_b == keys and not set(runs_on_a) & on_b     # every image made exactly once
+    assert any(r["server"] == b.url and k not in first_records for k, r in recs.items()), \
+        "b made no image in the resumed sweep before it was killed"
+    assert any(r["server"] == a.url and k not in first_records for k, r in recs.items())
+    assert runs_after_saving(a, recs) == []          # no image made again once saved (b is dead)
