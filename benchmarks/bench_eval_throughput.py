@@ -8,7 +8,8 @@ Each configuration starts its servers (tests/support/host.py's ServerHost: main.
 writes benchmarks/results/<name>.json with the machine's description and load.
 
     python benchmarks/bench_eval_throughput.py                  # the random-weight mini SD1.5 model
-    python benchmarks/bench_eval_throughput.py --ckpt v1-5-pruned-emaonly.safetensors --size 512 --steps 50
+    python benchmarks/bench_eval_throughput.py --ckpt v1-5-pruned-emaonly.safetensors --size 512 --steps 50 \
+        --set guided_steps=25 --set attention_resolution=1/32
 """
 from __future__ import annotations
 
@@ -25,11 +26,17 @@ PACK_DIR = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(PACK_DIR), str(PACK_DIR / "tests")]
 
 from benchmarks.ae_eval import graphs, prompts, store  # noqa: E402
-from benchmarks.ae_eval.client import ComfyClient  # noqa: E402
+from benchmarks.ae_eval.__main__ import parse_value  # noqa: E402
 from benchmarks.ae_eval.sweep import SweepConfig, plan, run_sweep  # noqa: E402
 from support import host as hosts  # noqa: E402
 
 MINI = "astar-test-sd15-mini.safetensors"
+MINI_GUIDANCE = ("guided_steps=4", "attention_resolution=1/16")   # the A-STAR inputs of 8 steps on the mini model
+
+
+def setting(text: str) -> tuple:
+    key, _, value = text.partition("=")
+    return key, parse_value(value)
 
 
 def start_servers(n: int, threads: int, work: Path) -> list:
@@ -50,8 +57,7 @@ def measure(n_servers: int, args, records: list[dict], work: Path) -> dict:
     servers = start_servers(n_servers, max(1, args.threads_total // n_servers), work / f"n{n_servers}")
     try:
         methods = {m: graphs.load_methods()[m] for m in args.methods.split(",")}
-        guided = {"guided_steps": max(1, args.steps // 2), "attention_resolution": args.attention_resolution}
-        settings = {"size": args.size, "inputs": {"steps": args.steps, "ckpt_name": args.ckpt, **guided}}
+        settings = {"size": args.size, "inputs": {"steps": args.steps, "ckpt_name": args.ckpt, **dict(args.set)}}
         per_method = -(-args.jobs // len(methods))
         cfg = SweepConfig(servers=[s.url for s in servers], out=work / f"n{n_servers}" / "out", methods=methods,
                           prompts=records[:per_method], seeds=[0], settings=settings, progress=False)
@@ -79,13 +85,16 @@ def main(argv=None) -> int:
     ap.add_argument("--ckpt", default=MINI)
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--attention-resolution", default="1/16", help="1/16 for the mini model, 1/32 for SD1.5")
+    ap.add_argument("--set", action="append", type=setting, default=None, metavar="INPUT=VALUE",
+                    help=f"node inputs for every node having them (default: {' '.join(MINI_GUIDANCE)}: half "
+                         "the steps guided, the mini model's only attention level)")
     ap.add_argument("--methods", default="plain,astar")
     ap.add_argument("--jobs", type=int, default=16, help="timed images per configuration")
     ap.add_argument("--servers", default="1,2", help="server counts to measure")
     ap.add_argument("--threads-total", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--name", default="eval-throughput-cpu")
     args = ap.parse_args(argv)
+    args.set = args.set or [setting(s) for s in MINI_GUIDANCE]
     if args.ckpt == MINI:
         from tools.run_example import _build_test_models, _venv_python
         _build_test_models(_venv_python(), need_lora=False, need_controlnet=False)

@@ -85,10 +85,10 @@ def test_interrupted_sweep_and_a_killed_server_lose_no_image_and_repeat_none(two
     a, b = two_servers
     cfg = SweepConfig(servers=[a.url, b.url], out=tmp_path / "out",
                       methods={m: graphs.load_methods()[m] for m in ("plain", "astar")},
-                      prompts=one_per_category(), seeds=[1, 2], settings=SMALL, max_new=3, progress=False,
-                      poll=0.5, job_timeout=120)
+                      prompts=one_per_category()[:2], seeds=[1, 2], settings=SMALL, max_new=3, progress=False,
+                      poll=0.5, job_timeout=300)
     keys = {store.job_key(j) for j in plan(cfg)}
-    assert len(keys) == 12
+    assert len(keys) == 8
     first = run_sweep(cfg)                               # interrupted after 3 images
     assert len(first["ran"]) == 3 and not first["failures"]
     first_records = {store.job_key(r): r for r in store.records(cfg.out)}
