@@ -14,6 +14,7 @@ from benchmarks.ae_eval import graphs, store
 from benchmarks.ae_eval.__main__ import main
 from benchmarks.ae_eval.prompts import load_prompts, slug
 from benchmarks.ae_eval.sweep import SweepConfig, plan, run_sweep
+from benchmarks.ae_eval.worker import ServerWorker, job_prompt_id
 
 from .conftest import GUIDANCE, MINI, SMALL
 
@@ -110,3 +111,21 @@ def test_interrupted_sweep_and_a_killed_server_lose_no_image_and_repeat_none(two
         "b made no image in the resumed sweep before it was killed"
     assert any(r["server"] == a.url and k not in first_records for k, r in recs.items())
     assert runs_after_saving(a, recs) == []          # no image made again once saved (b is dead)
+
+
+def test_a_job_sent_again_to_a_server_that_ran_it_is_adopted_not_rerun(two_servers, object_info):
+    server = two_servers[0]
+    template = graphs.method_template("plain", graphs.load_methods()["plain"], object_info, overlays=False)
+    job = {**plan(SweepConfig(servers=[], out=None, methods={"plain": {}}, prompts=one_per_category()[:1],
+                              seeds=[99]))[0]}
+    graph = graphs.job_graph(template, job, SMALL)
+    worker = ServerWorker(server.url, job_timeout=300)
+    first = worker.run(store.job_key(job), graph, template["image_node"], keep_extras=False)
+    queued_as = server.get(f"/history/{first['prompt_id']}")[first["prompt_id"]]["prompt"][0]
+    again = worker.run(store.job_key(job), graph, template["image_node"], keep_extras=False)
+    assert first["status"] == again["status"] == "ok"
+    assert again["prompt_id"] == first["prompt_id"] and again["png"] == first["png"]
+    # A prompt queued again gets the next queue number (its history entry is replaced): still the first.
+    assert server.get(f"/history/{first['prompt_id']}")[first["prompt_id"]]["prompt"][0] == queued_as
+    other = graphs.job_graph(template, {**job, "seed": 98}, SMALL)   # another graph: another prompt id
+    assert job_prompt_id(store.job_key(job), other) != first["prompt_id"]
