@@ -76,9 +76,12 @@ class ComfyClient:
             raise JobRejected(f"{self.url}: the server refused the graph: {body['node_errors']}")
         return body["prompt_id"]
 
-    def known(self, prompt_id: str) -> bool:
-        """The server has this prompt: finished (in its history) or queued."""
-        return prompt_id in self.get_json(f"/history/{prompt_id}") or self._queued(prompt_id)
+    def state(self, prompt_id: str) -> str | None:
+        """"success" or "error" (in the history), "queued" (queued or running), or None (unknown)."""
+        entry = self.get_json(f"/history/{prompt_id}").get(prompt_id)
+        if entry is not None:
+            return entry.get("status", {}).get("status_str") or "queued"
+        return "queued" if self._queued(prompt_id) else None
 
     def _queued(self, prompt_id: str) -> bool:
         queue = self.get_json("/queue")

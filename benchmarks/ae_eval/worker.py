@@ -35,7 +35,10 @@ class ServerWorker:
         t0 = time.time()
         prompt_id = job_prompt_id(job_key, graph)
         try:
-            if not self.client.known(prompt_id):
+            state = self.client.state(prompt_id)
+            if state == "error":   # a failed run is tried again, under a new id (its entry would answer)
+                prompt_id, state = str(uuid.uuid4()), None
+            if state is None:
                 self.client.submit(graph, prompt_id, {"ae_eval_job": job_key})
             entry = self.client.wait(prompt_id, self.job_timeout)
             refs = output_images(entry)

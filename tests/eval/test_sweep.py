@@ -125,7 +125,11 @@ def test_a_job_sent_again_to_a_server_that_ran_it_is_adopted_not_rerun(two_serve
     again = worker.run(store.job_key(job), graph, template["image_node"], keep_extras=False)
     assert first["status"] == again["status"] == "ok"
     assert again["prompt_id"] == first["prompt_id"] and again["png"] == first["png"]
-    # A prompt queued again gets the next queue number (its history entry is replaced): still the first.
+    # A prompt queued again gets the next queue number (its history entry is replaced once it has run):
+    # when the server is idle, the entry is still the first one.
+    deadline = time.monotonic() + 120
+    while any(server.get("/queue").values()) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert server.get(f"/history/{first['prompt_id']}")[first["prompt_id"]]["prompt"][0] == queued_as
     other = graphs.job_graph(template, {**job, "seed": 98}, SMALL)   # another graph: another prompt id
     assert job_prompt_id(store.job_key(job), other) != first["prompt_id"]
