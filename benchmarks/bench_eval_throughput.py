@@ -54,12 +54,13 @@ def warm_up(servers, cfg: SweepConfig) -> None:
 
 
 def measure(n_servers: int, args, records: list[dict], work: Path) -> dict:
-    servers = start_servers(n_servers, max(1, args.threads_total // n_servers), work / f"n{n_servers}")
+    """One configuration in a folder of its own (work must be new: a done image would be skipped)."""
+    servers = start_servers(n_servers, max(1, args.threads_total // n_servers), work)
     try:
         methods = {m: graphs.load_methods()[m] for m in args.methods.split(",")}
         settings = {"size": args.size, "inputs": {"steps": args.steps, "ckpt_name": args.ckpt, **dict(args.set)}}
         per_method = -(-args.jobs // len(methods))
-        cfg = SweepConfig(servers=[s.url for s in servers], out=work / f"n{n_servers}" / "out", methods=methods,
+        cfg = SweepConfig(servers=[s.url for s in servers], out=work / "out", methods=methods,
                           prompts=records[:per_method], seeds=[0], settings=settings, progress=False)
         warm_up(servers, cfg)
         stats = run_sweep(cfg)
@@ -101,8 +102,8 @@ def main(argv=None) -> int:
     records = prompts.load_prompts()
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-eval-") as work:
-        for n in [int(x) for x in args.servers.split(",")]:
-            rows.append(measure(n, args, records, Path(work)))
+        for k, n in enumerate(int(x) for x in args.servers.split(",")):
+            rows.append(measure(n, args, records, Path(work) / f"run{k}-{n}servers"))
             print(f"{n} server(s): {rows[-1]['images_per_min']:.1f} images/min", flush=True)
     base = rows[0]["images_per_min"]
     print("\n| servers | threads each | images | seconds | images/min | x 1 server |\n|---:|---:|---:|---:|---:|---:|")
