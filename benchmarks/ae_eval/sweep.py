@@ -93,21 +93,21 @@ class Servers:
         self.ray, self.cfg = ray, cfg
         self.actors = [actor_class.remote(url, cfg.job_timeout) for url in cfg.servers]
         self.templates: dict[int, dict] = {}
-        self.down_since: dict[int, float] = {i: time.monotonic() for i in range(len(cfg.servers))}
+        self.down: set[int] = set(range(len(cfg.servers)))   # not answering (all, until first asked)
         self.last_poll = -1e9
 
     def poll_down(self, force: bool = False) -> None:
         """Asks every dropped server for its nodes (at most every cfg.poll s); answering ones are live."""
-        if not self.down_since or (not force and time.monotonic() - self.last_poll < self.cfg.poll):
+        if not self.down or (not force and time.monotonic() - self.last_poll < self.cfg.poll):
             return
         self.last_poll = time.monotonic()
-        idx = list(self.down_since)
+        idx = sorted(self.down)
         refs = [self.actors[i].object_info.remote() for i in idx]
         for i, ref in zip(idx, refs):
             info = _get(self.ray, ref, None)
             if info is not None:
                 self.templates[i] = self._templates(info)
-                del self.down_since[i]
+                self.down.discard(i)
 
     def _templates(self, info: dict) -> dict:
         cfg = self.cfg
@@ -123,11 +123,11 @@ class Servers:
         return g, t["image_node"]
 
     def drop(self, i: int) -> None:
-        self.down_since.setdefault(i, time.monotonic())
+        self.down.add(i)
         self.templates.pop(i, None)
 
     def live(self) -> list[int]:
-        return [i for i in range(len(self.actors)) if i not in self.down_since]
+        return [i for i in range(len(self.actors)) if i not in self.down]
 
 
 def _progress(cfg: SweepConfig, total: int, done: int):
