@@ -1,5 +1,6 @@
 """Two local ComfyUI servers (127.0.0.1, the mini random-weight checkpoint) for the sweep tests,
-a local Ray instance shut down after them, and the tiny CLIP/BLIP folders."""
+a local Ray instance shut down after them, the suite's server's /object_info for the graph tests,
+and the tiny CLIP/BLIP folders."""
 from __future__ import annotations
 
 import os
@@ -16,9 +17,10 @@ GUIDANCE = {"guided_steps": 2, "attention_resolution": "1/16"}
 SMALL = {"size": 64, "inputs": {"steps": 3, "ckpt_name": MINI, **GUIDANCE}}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def two_servers(tmp_path_factory, mini_ckpt):
-    """Two servers of our own, even when COMFYUI_URL names a running one (one of them is killed)."""
+    """Two servers of our own, even when COMFYUI_URL names a running one (one of them is killed).
+    Module scope: they are stopped before the rest of the suite (whose SDXL tests need the memory)."""
     pytest.importorskip("ray", reason="pip install -r benchmarks/ae_eval/requirements.txt (tools/setup.sh does)")
     saved = os.environ.pop("COMFYUI_URL", None)
     servers = []
@@ -36,8 +38,9 @@ def two_servers(tmp_path_factory, mini_ckpt):
 
 
 @pytest.fixture(scope="session")
-def object_info(two_servers):
-    return two_servers[0].get("/object_info")
+def object_info(server):
+    """/object_info of the suite's shared server (tests/conftest.py), which lists the mini checkpoint."""
+    return server.get("/object_info")
 
 
 @pytest.fixture(scope="session")
