@@ -96,8 +96,11 @@ def sweep_config(args):
 
 
 def run_sweep(args) -> None:
-    from .sweep import run_sweep as sweep
-    stats = sweep(sweep_config(args))
+    from .sweep import run_sweep as sweep, stop_local_ray
+    try:
+        stats = sweep(sweep_config(args))
+    finally:
+        stop_local_ray()
     print(f"sweep: {stats['jobs']} jobs, {stats['done_before']} done before, {len(stats['ran'])} made now "
           f"({stats['images_per_min']:.1f} images/min), {len(stats['failures'])} failed")
     for key, message in stats["failures"].items():

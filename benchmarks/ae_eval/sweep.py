@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from .worker import ServerWorker
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]   # benchmarks/, shipped to a Ray cluster's workers
 OBJECT_STORE_BYTES = 200 * 1024 ** 2
+LOCAL_RAY: dict = {}                 # the session folder of the local instance started here
 ACTOR_TIMEOUT_S = 60                 # for an answer of a ready or polled actor
 
 
@@ -80,9 +82,18 @@ def _init_ray(ray, address: str | None, n_servers: int):
             # The actors only wait on HTTP (~100 MB each): Ray's memory monitor, which kills workers
             # when the machine runs short, would only kill them while the servers use the memory.
             os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
+            LOCAL_RAY["temp_dir"] = tempfile.mkdtemp(prefix="ray", dir="/tmp")   # short: Ray's socket paths
             ray.init(num_cpus=max(1, n_servers), object_store_memory=OBJECT_STORE_BYTES,
-                     _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"), **common)
+                     _temp_dir=LOCAL_RAY["temp_dir"], **common)
     return ray
+
+
+def stop_local_ray() -> None:
+    """Shuts down the local Ray instance this process started and removes its session folder."""
+    import ray
+    ray.shutdown()
+    if LOCAL_RAY.get("temp_dir"):
+        shutil.rmtree(LOCAL_RAY.pop("temp_dir"), ignore_errors=True)
 
 
 class Servers:

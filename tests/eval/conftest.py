@@ -33,8 +33,8 @@ def two_servers(tmp_path_factory, mini_ckpt):
     yield servers
     for s in servers:
         s.stop()
-    import ray
-    ray.shutdown()
+    from benchmarks.ae_eval.sweep import stop_local_ray
+    stop_local_ray()
 
 
 @pytest.fixture(scope="session")
