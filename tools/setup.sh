@@ -78,6 +78,15 @@ if ! command -v chromium >/dev/null 2>&1 && [ ! -x /usr/bin/chromium ]; then
   fi
 fi
 
+# The evaluation runner's extras (benchmarks/ae_eval: Ray, matplotlib, ...), pinned; its tests run in CI.
+EVAL_REQ="$PACK_DIR/benchmarks/ae_eval/requirements.txt"
+EVAL_STAMP="$ASTAR_HOME/.eval-requirements-$(sha1sum "$EVAL_REQ" | cut -c1-12)"
+if [ ! -f "$EVAL_STAMP" ]; then
+  log "installing the evaluation runner's requirements ($EVAL_REQ)"
+  "$PY" -m pip install -q -r "$EVAL_REQ"
+  touch "$EVAL_STAMP"
+fi
+
 # The host loads the pack from $ASTAR_HOME/custom_nodes/<link to this checkout>.
 mkdir -p "$ASTAR_HOME/custom_nodes"
 ln -sfn "$PACK_DIR" "$ASTAR_HOME/custom_nodes/astar_pack"
