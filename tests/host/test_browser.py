@@ -71,6 +71,21 @@ def browser():
         shutil.rmtree(profile, ignore_errors=True)
 
 
+def test_a_missing_tool_is_a_skip_reason(monkeypatch):
+    """Without playwright, or without a Chromium binary, the page tests skip and say what to install."""
+    import sys
+    import types
+    monkeypatch.setitem(globals(), "chromium_path", lambda: "/usr/bin/chromium")
+    monkeypatch.setitem(sys.modules, "playwright.sync_api", None)  # `import` fails as if not installed
+    assert "pip install playwright" in missing_browser_tools()
+    for name in ("playwright", "playwright.sync_api"):  # installed
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    sys.modules["playwright"].sync_api = sys.modules["playwright.sync_api"]
+    assert missing_browser_tools() is None
+    monkeypatch.setitem(globals(), "chromium_path", lambda: None)
+    assert "apt-get install chromium" in missing_browser_tools()
+
+
 class Page:
     """The ComfyUI frontend in one tab, with its console collected."""
 
