@@ -135,7 +135,9 @@ class _Kept:
     def tensor(self) -> torch.Tensor:
         if self.data._version != self.version:
             raise RuntimeError("a tensor saved for the guidance gradient was modified in place after it was "
-                               "saved (by the model or by another node's patch); the gradient cannot be computed")
+                               "saved (by the model, by another node's patch, or by ComfyUI reusing a weight "
+                               "buffer under VRAM pressure: with dynamic VRAM, start ComfyUI with "
+                               "--disable-dynamic-vram); the gradient cannot be computed")
         return self.data
 
 
