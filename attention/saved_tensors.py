@@ -31,13 +31,42 @@ def _frozen_parameter(t: torch.Tensor) -> bool:
     return isinstance(t, torch.nn.Parameter) and not t.requires_grad
 
 
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last] element offsets of t in its storage."""
+    last = t.storage_offset() + sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n > 0)
+    return t.storage_offset(), last
+
+
 class _CastLedger(TorchFunctionMode):
     """Notes which tensors are unmodified casts (dtype and/or device) of frozen parameters: results of
-    `param.to(...)` and of `fresh.copy_(param)` (ComfyUI's cast_to), and casts of those."""
+    `param.to(...)` and of `fresh.copy_(param)` (ComfyUI's cast_to), and casts of those.
+
+    A cast may also be a view into a buffer that the model reuses for the next layers' weights
+    (ComfyUI 0.19+ gathers offloaded weights into per-stream cast buffers, and dynamic VRAM copies
+    them into views of its own VRAM): autograd then saves another view of the same memory (the
+    transposed weight), so such casts are also found by where they lie (`source_within`)."""
 
     def __init__(self):
         super().__init__()
         self._casts: dict[int, tuple] = {}  # id(cast) -> (weakref to it, its _version, parameter, conversions)
+        self._in_buffers: dict[int, list[int]] = {}  # storage data_ptr -> ids of casts that are views into it
+
+    def source_within(self, t: torch.Tensor):
+        """(parameter, conversions, cast) when t lies inside a noted cast that is a view into a
+        buffer, the cast unmodified since (a reused buffer bumps the version of all its views)."""
+        ids = self._in_buffers.get(t.untyped_storage().data_ptr())
+        if not ids:
+            return None
+        first, last = _span(t)
+        for cid in reversed(ids):  # the latest cast written there first
+            entry = self._casts.get(cid)
+            cast = entry[0]() if entry is not None else None
+            if cast is None or cast._version != entry[1] or cast.dtype != t.dtype:
+                continue
+            lo, hi = _span(cast)
+            if lo <= first and last <= hi:
+                return entry[2], entry[3], cast
+        return None
 
     def source(self, t: torch.Tensor):
         """(parameter, ((device, dtype), ...)) when t is that parameter or an unmodified cast of it, else None."""
@@ -63,6 +92,8 @@ class _CastLedger(TorchFunctionMode):
                 param, conversions = origin
                 self._casts[id(dst)] = (weakref.ref(dst), dst._version, param,
                                         conversions + ((dst.device, dst.dtype),))
+                if dst._base is not None:
+                    self._in_buffers.setdefault(dst.untyped_storage().data_ptr(), []).append(id(dst))
         return out
 
 
@@ -104,7 +135,9 @@ class _Kept:
     def tensor(self) -> torch.Tensor:
         if self.data._version != self.version:
             raise RuntimeError("a tensor saved for the guidance gradient was modified in place after it was "
-                               "saved (by the model or by another node's patch); the gradient cannot be computed")
+                               "saved (by the model, by another node's patch, or by ComfyUI reusing a weight "
+                               "buffer under VRAM pressure: with dynamic VRAM, start ComfyUI with "
+                               "--disable-dynamic-vram); the gradient cannot be computed")
         return self.data
 
 
@@ -133,11 +166,15 @@ class saved_tensor_policy:  # noqa: N801 (used as a context manager, like torch'
             base = t if t._base is None else t._base  # autograd often saves a view (a transposed weight)
             if _frozen_parameter(base):
                 return t  # a reference: nothing is held twice, and weights are never changed in place
-            origin = ledger.source(base) if ledger is not None else None
+            origin, cast = (ledger.source(base), base) if ledger is not None else (None, None)
+            if origin is None and ledger is not None and base is not t:
+                found = ledger.source_within(t)  # a weight served from a reused cast buffer
+                if found is not None:
+                    origin, cast = found[:2], found[2]
             if origin is not None:
-                stats.recast_bytes += base.numel() * base.element_size()
+                stats.recast_bytes += cast.numel() * cast.element_size()
                 stats.recast_count += 1
-                return _Recast(*origin, cast=base, saved=t)
+                return _Recast(*origin, cast=cast, saved=t)
             stats.kept_bytes += t.numel() * t.element_size()
             if copy_others:
                 return t.detach().clone()

@@ -2,7 +2,11 @@
 finding the networks a guidance pass runs (the UNet and the ControlNets of the conditioning)."""
 from __future__ import annotations
 
+import logging
+
 import torch
+
+import comfy.model_management
 
 
 def _ordinary(t: torch.Tensor) -> torch.Tensor:
@@ -16,21 +20,62 @@ def _ordinary(t: torch.Tensor) -> torch.Tensor:
     return t.detach().clone()
 
 
+def _ordinary_parameter(p: torch.nn.Parameter) -> torch.nn.Parameter:
+    """A frozen ordinary Parameter equal to inference parameter p, with p's Python attributes (ComfyUI
+    tags parameters: dynamic VRAM's loader sets `_model_dtype`, which sizes the weight's VRAM slot)."""
+    new = torch.nn.Parameter(_ordinary(p), requires_grad=False)
+    new.__dict__.update(p.__dict__)
+    return new
+
+
+# ComfyUI 0.19+ dynamic VRAM (ModelPatcherDynamic) serves a cast layer's weight and bias from views of
+# its own VRAM that it caches on the module while `_v_signature` says they are resident.
+_SERVED = ("_v_weight", "_v_bias")
+
+
+def _inference(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_inference()
+
+
+def refresh_served_weights(module: torch.nn.Module) -> int:
+    """Weights that ComfyUI serves from caches it filled during an inference-mode forward are
+    inference tensors too, which autograd refuses: dynamic VRAM's resident weight views, and the
+    shared cast buffers that offloaded weights are copied into. Marks such layers as not resident
+    (ComfyUI's own "dirty" mark: their next forward copies the weight in again, here outside inference
+    mode) and drops inference cast buffers (they are made anew). Returns the number of layers marked."""
+    marked = 0
+    for m in module.modules():
+        if getattr(m, "_v_signature", None) is not None and any(_inference(getattr(m, a, None)) for a in _SERVED):
+            m._v_signature = None
+            marked += 1
+    buffers = getattr(comfy.model_management, "STREAM_CAST_BUFFERS", None)
+    if buffers and any(_inference(b) for b in buffers.values()) and hasattr(comfy.model_management, "reset_cast_buffers"):
+        comfy.model_management.reset_cast_buffers()
+        logging.info("A-STAR: ComfyUI's weight cast buffers were made in inference mode; made anew for the "
+                     "guidance pass")
+    if marked:
+        logging.info("A-STAR: dynamic VRAM: %d layers served cached inference-mode weight copies; they are "
+                     "copied in again for the guidance pass", marked)
+    return marked
+
+
 def make_autograd_safe(module: torch.nn.Module) -> int:
     """The inference-mode fix: ComfyUI loads weights under torch.inference_mode, and autograd
     refuses to save such tensors for backward. Replace each inference parameter/buffer by an equal
     ordinary tensor on the same memory (see _ordinary; no second copy is held) and freeze every
-    parameter (no weight gradients). Returns how many tensors were replaced; a later call is a
+    parameter (no weight gradients); weights ComfyUI serves from inference-mode caches are served
+    anew (refresh_served_weights). Returns how many tensors were replaced; a later call is a
     walk over the module that replaces nothing unless ComfyUI has put inference weights back (a
     reload, or LoRA patches restored)."""
     replaced = 0
     with torch.inference_mode(False):
+        refresh_served_weights(module)
         for m in module.modules():
             for name, p in list(m._parameters.items()):
                 if p is None:
                     continue
                 if p.is_inference():
-                    m._parameters[name] = torch.nn.Parameter(_ordinary(p), requires_grad=False)
+                    m._parameters[name] = _ordinary_parameter(p)
                     replaced += 1
                 elif p.requires_grad:
                     p.requires_grad_(False)

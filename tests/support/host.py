@@ -3,6 +3,7 @@ under torch.inference_mode as users run them) and a server subprocess (main.py -
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import signal
@@ -125,10 +126,16 @@ class InProcessHost:
             raise GraphError(msg, errors[0] if errors else {})
         out = {}
         for nid in prompt:
-            entry = self.executor.caches.outputs.get(nid)
+            entry = self.cached_output(nid)
             if entry is not None:
                 out[nid] = [v[0] if isinstance(v, list) and len(v) == 1 else v for v in entry.outputs]
         return out
+
+    def cached_output(self, node_id: str):
+        """The output cache's entry of a node (None when it has none). The cache's `get` is a plain
+        method up to ComfyUI 0.3.x and a coroutine function in later versions (0.19 at least)."""
+        entry = self.executor.caches.outputs.get(node_id)
+        return asyncio.run(entry) if inspect.isawaitable(entry) else entry
 
 
 def free_port() -> int:

@@ -32,6 +32,7 @@ weights = 1; any other parameter ~ N(0, 0.02).
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import os
 import re
@@ -295,6 +296,16 @@ def _detected_config(unet_config: dict, expected):
     return mc
 
 
+def _checkpoint_state_dict(model, clip_sd: dict, vae_sd: dict) -> dict:
+    """model.state_dict_for_saving with the text encoder's and VAE's state dicts, on either API:
+    ComfyUI up to 0.3.x reads the UNet state dict itself; later versions (0.19 at least) take it as
+    the first argument (``unet_state_dict``). Detected from the signature, not the version."""
+    kwargs = {"clip_state_dict": clip_sd, "vae_state_dict": vae_sd}
+    if "unet_state_dict" in inspect.signature(model.state_dict_for_saving).parameters:
+        kwargs["unet_state_dict"] = model.diffusion_model.state_dict()
+    return model.state_dict_for_saving(**kwargs)
+
+
 def _sd15_model_config(layout: str):
     """A comfy.supported_models.SD15 instance for the layout, chosen by ComfyUI's own matcher."""
     import comfy.supported_models
@@ -341,7 +352,7 @@ def build_sd15_checkpoint(path: PathLike, layout: str = "mini", seed: int = 0) -
     vae = vae.to(fp16)
     _fill_random_(vae, seed, "vae")
 
-    sd = model.state_dict_for_saving(te.state_dict(), vae.state_dict())
+    sd = _checkpoint_state_dict(model, te.state_dict(), vae.state_dict())
     bad = [k for k, v in sd.items() if v.dtype != fp16]
     if bad:
         raise RuntimeError(f"non-fp16 tensors in checkpoint: {bad[:5]}")
@@ -550,7 +561,7 @@ def _write_streamed_checkpoint(path: Path, mc, seed: int, tag: str, unet_std: Op
     _fill_random_(te, seed, f"{tag}-clip")
     vae = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=dict(_SD_VAE_DDCONFIG), embed_dim=4).to(fp16)
     _fill_random_(vae, seed, f"{tag}-vae")
-    sd = model.state_dict_for_saving(te.state_dict(), vae.state_dict())
+    sd = _checkpoint_state_dict(model, te.state_dict(), vae.state_dict())
     del te, vae
 
     unet_prefix = "model.diffusion_model."

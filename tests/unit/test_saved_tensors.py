@@ -161,3 +161,54 @@ def test_a_saved_activation_changed_in_place_is_an_error():
         out.add_(1.0)
     with pytest.raises(RuntimeError, match="modified in place"):
         torch.autograd.grad(loss, leaf)
+
+
+class GatheredLinear(torch.nn.Module):
+    """Serves its weight as ComfyUI 0.19+ serves offloaded weights: copied, in its own dtype, into a
+    view of a byte buffer that the next layers reuse (a per-stream cast buffer, or dynamic VRAM's
+    memory); autograd then saves a view of that view (the transposed weight)."""
+
+    def __init__(self, n, buffer, seed):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.weight = torch.nn.Parameter(torch.randn(n, n, generator=g) / n ** 0.5, requires_grad=False)
+        self.buffer = buffer
+
+    def forward(self, x):
+        size = self.weight.numel() * self.weight.element_size()
+        served = self.buffer[:size].view(self.weight.dtype).view(self.weight.shape)
+        served.copy_(self.weight)
+        return torch.tanh(F.linear(x, served))
+
+
+def test_weights_served_from_a_reused_buffer_are_recast():
+    buffer = torch.empty(64 * 64 * 4, dtype=torch.uint8)
+    model = torch.nn.Sequential(*[GatheredLinear(64, buffer, seed=i) for i in range(3)])
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(9))
+    h = leaf = x.clone().requires_grad_(True)
+    for layer in model:
+        h = torch.tanh(F.linear(h, layer.weight))
+    (reference,) = torch.autograd.grad(h.square().sum(), leaf)
+    # The premise: as served, each layer's saved weight is overwritten by the next layer's.
+    leaf = x.clone().requires_grad_(True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        torch.autograd.grad(model(leaf).square().sum(), leaf)
+    grad, stats = grad_of(model, x, recast_weight_casts=True, copy_others=False)
+    assert stats.recast_count == 3
+    assert torch.equal(grad, reference)
+
+
+def test_a_reused_buffer_view_that_is_no_cast_is_kept_and_checked():
+    """Data written into the buffer from something other than a frozen parameter is not recast; when
+    the buffer is reused before backward, that is an error, not a wrong gradient."""
+    buffer = torch.empty(64 * 4, dtype=torch.uint8)
+    table = torch.randn(8, 8)  # a plain tensor, not a parameter
+    leaf = torch.randn(2, 8).requires_grad_(True)
+    with saved_tensor_policy(recast_weight_casts=True, copy_others=False) as stats:
+        served = buffer[:256].view(torch.float32).view(8, 8)
+        served.copy_(table)
+        loss = F.linear(leaf, served).square().sum()
+        buffer.zero_()
+    assert stats.recast_count == 0
+    with pytest.raises(RuntimeError, match="modified in place"):
+        torch.autograd.grad(loss, leaf)

@@ -1,0 +1,45 @@
+"""Registry metadata: the LICENSE matches pyproject.toml, [tool.comfy] is filled in, and
+requires-comfyui is the range the README's compatibility table reports as tested."""
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+
+
+def test_license_file_is_mit_and_matches_pyproject():
+    project = pyproject()["project"]
+    assert project["license"] == {"file": "LICENSE"}
+    text = (ROOT / "LICENSE").read_text(encoding="utf-8")
+    assert text.startswith("MIT License") and "Permission is hereby granted, free of charge" in text
+    assert "License :: OSI Approved :: MIT License" in project["classifiers"]
+
+
+def test_tool_comfy_fields():
+    comfy = pyproject()["tool"]["comfy"]
+    assert {"PublisherId", "DisplayName", "Icon", "includes", "requires-comfyui"} <= set(comfy)
+    assert comfy["PublisherId"] and comfy["DisplayName"]
+    urls = pyproject()["project"]["urls"]
+    assert {"Repository", "Documentation", "Bug Tracker"} <= set(urls)
+
+
+def _version(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.split("."))
+
+
+def test_requires_comfyui_is_the_tested_range():
+    """Its bounds are the oldest and newest ComfyUI the README's table reports a full run on."""
+    spec = pyproject()["tool"]["comfy"]["requires-comfyui"]
+    low, high = re.fullmatch(r">=([\d.]+),<=([\d.]+)", spec).groups()
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Compatibility", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|") for line in section.splitlines() if line.startswith("| ")][1:]  # after the header
+    ran = [cells[1].split()[0] for cells in rows if "passed" in cells[-2]]
+    assert ran, "the compatibility table reports no run"
+    assert (low, high) == (min(ran, key=_version), max(ran, key=_version))
