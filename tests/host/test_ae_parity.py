@@ -140,23 +140,25 @@ def run_diffusers(unet, cond, z, thresholds):
     return log
 
 
-def run_pack(host, monkeypatch, ckpt, threshold):
-    """The pack's first guided step of a 50-step run, through the executor; returns what guided_step did."""
+def run_pack(host, monkeypatch, ckpt, threshold, c_in):
+    """The pack's first guided step of a 50-step run, through the executor; returns what guided_step did,
+    in the diffusers latent z = x * c_in. (The pack takes the step on ComfyUI's x = z / c_in with step
+    size alpha / c_in^2, the same update: latents are multiplied, gradients divided, by c_in here.)"""
     wrapper = hosts.pack_module("nodes.sampling_wrapper")
     real_guided_step = wrapper.guided_step
     log = {"inputs": [], "grads": []}
 
-    def spy(z, maps_fn, step_size, prev_masks, config, refine_threshold=None, **kwargs):
+    def spy(x, maps_fn, step_size, prev_masks, config, refine_threshold=None, **kwargs):
         def recorded_maps_fn(latent):
-            log["inputs"].append(latent.detach().clone())
+            log["inputs"].append(latent.detach().clone() * c_in)
             if latent.requires_grad:
-                latent.register_hook(lambda g: log["grads"].append(g.detach().clone()))
+                latent.register_hook(lambda g: log["grads"].append(g.detach().clone() / c_in))
             return maps_fn(latent)
 
-        result = real_guided_step(z, recorded_maps_fn, step_size, prev_masks, config,
+        result = real_guided_step(x, recorded_maps_fn, step_size, prev_masks, config,
                                   refine_threshold=refine_threshold, **kwargs)
-        log.update(z=z.detach().clone(), step_size=step_size, config=config, threshold=refine_threshold,
-                   result=result)
+        log.update(z=x.detach().clone() * c_in, step_size=step_size * c_in ** 2, config=config,
+                   threshold=refine_threshold, result=result, latent=result.latent * c_in)
         return result
 
     monkeypatch.setattr(wrapper, "guided_step", spy)
@@ -227,7 +229,7 @@ def test_attend_excite_mode_matches_diffusers_first_step(host, mini_ckpt, monkey
 
     hook = model.model.diffusion_model.register_forward_pre_hook(on_comfy_unet_call, with_kwargs=True)
     try:
-        pack = run_pack(host, monkeypatch, mini_ckpt, threshold)
+        pack = run_pack(host, monkeypatch, mini_ckpt, threshold, 1.0 / math.sqrt(1 + sigma ** 2))
     finally:
         hook.remove()
     z = pack["z"]
@@ -238,7 +240,7 @@ def test_attend_excite_mode_matches_diffusers_first_step(host, mini_ckpt, monkey
     # The pack's settings at this step are A&E's.
     config = pack["config"]
     assert (config.mode, config.refine, config.smooth, config.max_refine_iters) == ("attend_excite", True, True, 20)
-    assert pack["step_size"] == SCALE and theirs["step_sizes"][0] == pytest.approx(SCALE)
+    assert pack["step_size"] == pytest.approx(SCALE, rel=1e-6) and theirs["step_sizes"][0] == pytest.approx(SCALE)
     assert pack["threshold"] == threshold
     # Same layers: A&E keeps its 16x16 cross-attention (1 down, 2 up; the 8x8 middle block left out).
     assert pack["layers"] == LAYERS
@@ -274,5 +276,5 @@ def test_attend_excite_mode_matches_diffusers_first_step(host, mini_ckpt, monkey
     # Latent of every forward, and the updated latent the normal pass runs on.
     for i, (ours_z, theirs_z) in enumerate(zip(pack["inputs"], [theirs["inputs"][0]] + theirs["inputs"][2:-1])):
         torch.testing.assert_close(ours_z, theirs_z, rtol=0, atol=LATENT_ATOL, msg=f"latent of forward {i}")
-    torch.testing.assert_close(result.latent, theirs["updated"], rtol=0, atol=LATENT_ATOL)
-    assert float((result.latent - z).abs().max()) > 100 * LATENT_ATOL  # the guidance moved the latent
+    torch.testing.assert_close(pack["latent"], theirs["updated"], rtol=0, atol=LATENT_ATOL)
+    assert float((pack["latent"] - z).abs().max()) > 100 * LATENT_ATOL  # the guidance moved the latent
