@@ -50,7 +50,8 @@ class AttentionRecording:
             raise ValueError("this recording has no maps as the loss saw them; show its layers instead")
         steps = [StepRecord(step=s.step, sigma=s.sigma, maps=s.loss_maps.unsqueeze(0), loss_maps=s.loss_maps,
                             losses=s.losses, iterations=s.iterations, trace=s.trace) for s in self.steps]
-        return AttentionRecording(words=list(self.words), layers=[("loss view",)], steps=steps)
+        return AttentionRecording(words=list(self.words), layers=[("as the loss saw them", len(self.layers))],
+                                  steps=steps)
 
     def maps(self) -> torch.Tensor:
         """[S, L, B, C, h, w] over the recorded steps, in step order."""

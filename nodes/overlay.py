@@ -183,7 +183,10 @@ class AttentionOverlay(io.ComfyNode):
 
         sel_layers = overlay.layer_indices(rec, layer_list)
         names = getattr(rec, "layers", None) or []
-        layer_text = ", ".join(f"{i}{' ' + str(tuple(names[i])) if i < len(names) else ''}" for i in sel_layers)
+        if names and names[0][0] == "as the loss saw them":
+            layer_text = f"the maps as the loss saw them (from {names[0][1]} recorded layers)"
+        else:
+            layer_text = ", ".join(f"{i}{' ' + str(tuple(names[i])) if i < len(names) else ''}" for i in sel_layers)
         report = (f"images averaged over recorded steps {steps[rng[0]].step}..{steps[rng[1] - 1].step} "
                   f"(positions {rng[0]}..{rng[1] - 1} of {len(steps)}), layers {layer_text}; "
                   f"normalization {normalization}\n" + overlay.loss_table(rec))

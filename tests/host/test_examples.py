@@ -257,7 +257,7 @@ def test_sdxl_example_runs_on_sdxl(object_info, sdxl_server):
     _, _, reports = _check_outputs(sdxl_server, prompt, entry, "astar_sdxl", SDXL_SIZE, STEPS)
     assert reports, "the SDXL example shows the overlay's report"
     for text in reports.values():
-        assert f"; {SDXL_LAYERS_AT_1_32} layers;" in text and f"({GUIDED} guided)" in text, text
+        assert f"from {SDXL_LAYERS_AT_1_32} recorded layers" in text and f"({GUIDED} guided)" in text, text
 
 
 # ------------------------------------------------------------------------------------------------

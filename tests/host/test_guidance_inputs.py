@@ -165,4 +165,4 @@ def test_overlay_shows_the_maps_the_loss_saw_by_default(host, loaded):
     torch.testing.assert_close(peaks, seen, atol=6e-5, rtol=0)  # printed with 4 decimals
     assert (per_layer - seen).abs().max() > 1e-3  # the other view really differs
     layered = overlay.execute(attention=runs, image=image, layers="all").args[-1]
-    assert "4 layers" in layered and "1 layers" in report
+    assert "; 4 layers;" in layered and "from 4 recorded layers" in report
