@@ -529,8 +529,8 @@ def test_interrupt_during_a_guided_step(server, mini_ckpt):
     stock = sd15_graph(mini_ckpt, sampler="KSampler", steps=2, seed=SEED + 21)
     before = _image(server, server.run(stock))
 
-    long = sd15_graph(mini_ckpt, steps=400, guided_steps=400, seed=SEED + 22, refine=True,
-                      refine_thresholds=", ".join(f"{i}:1.0" for i in range(400)), max_refine_iters=2)
+    long = sd15_graph(mini_ckpt, steps=400, guided_steps=400, seed=SEED + 22, refine="on",
+                      refine_thresholds=", ".join(f"{i / 400}:1.0" for i in range(400)), max_refine_iters=2)
     pid = server.queue(long)
     deadline = time.time() + 120
     while time.time() < deadline:  # wait until it runs
