@@ -41,7 +41,7 @@ class _Layer(torch.nn.Module):
 
 
 def test_weights_cached_by_an_inference_mode_forward_are_served_again(host, caplog):
-    patch = hosts.pack_module("nodes.patch")
+    patch = hosts.pack_module("nodes.autograd_weights")
     stale, fresh = _Layer(True), _Layer(False)
     with caplog.at_level(logging.INFO):
         patch.make_autograd_safe(torch.nn.Sequential(stale, fresh))
@@ -54,7 +54,7 @@ def test_inference_mode_cast_buffers_are_made_anew(host, monkeypatch):
     import comfy.model_management as mm
     if not hasattr(mm, "STREAM_CAST_BUFFERS"):
         pytest.skip("this ComfyUI has no shared weight cast buffers (they arrived after 0.3.75)")
-    patch = hosts.pack_module("nodes.patch")
+    patch = hosts.pack_module("nodes.autograd_weights")
 
     class Stream:
         def synchronize(self):
@@ -75,7 +75,7 @@ def test_inference_mode_cast_buffers_are_made_anew(host, monkeypatch):
 def test_parameters_keep_the_loaders_tags(host):
     """ModelPatcherDynamic tags each weight with `_model_dtype` (the size of its VRAM slot); the
     inference-mode fix replaces inference parameters and must carry such tags over."""
-    patch = hosts.pack_module("nodes.patch")
+    patch = hosts.pack_module("nodes.autograd_weights")
     with torch.inference_mode():
         layer = torch.nn.Linear(4, 4)
         layer.weight._model_dtype = torch.float16
