@@ -84,7 +84,6 @@ class StepTracker:
         self.rule = "count" if name in COUNTED else "callback" if name in OWN_GRID else "sigma"
         self.next_step = 0
         self.calls = 0
-        self.callbacks = 0
         self._awaiting_state = True  # "callback" rule: the next call starts a step
         if self.rule == "count":
             starts, total = {}, 0
@@ -112,7 +111,6 @@ class StepTracker:
         return None
 
     def on_callback(self, step: int) -> None:
-        self.callbacks += 1
         self._awaiting_state = True
 
     @property

@@ -51,8 +51,8 @@ def _active(entries, sigma) -> bool:
 
 
 def guidable_sampler_names() -> list[str]:
-    names = {v for v in UNGUIDABLE.values()}
-    return [n for n in comfy.samplers.KSampler.SAMPLERS if n not in names]
+    refused = set(UNGUIDABLE.values())
+    return [n for n in comfy.samplers.KSampler.SAMPLERS if n not in refused]
 
 
 class AStarSampling:
