@@ -105,13 +105,13 @@ def _dpmpp_2m(x, denoised, s, s_next, state):
 
 
 def _euler_ancestral(x, denoised, s, s_next, state):
-    """eta 1: step down to sigma_down deterministically, then add sigma_up of fresh noise, drawn from
-    one generator seeded with the run's seed for the whole run."""
+    """eta 1: step down to sigma_down deterministically, then add sigma_up of fresh noise from the host's
+    own noise source for the run's seed (ComfyUI's default_noise_sampler: how it seeds differs by version)."""
     up = torch.minimum(s_next, (s_next ** 2 * (s ** 2 - s_next ** 2) / s ** 2) ** 0.5)
     down = (s_next ** 2 - up ** 2) ** 0.5
     x = x + (x - denoised) / s * (down - s)
     if s_next > 0:
-        x = x + torch.randn(x.shape, generator=state["generator"]) * up
+        x = x + state["noise"](s, s_next) * up
     return x
 
 
@@ -165,7 +165,8 @@ def test_guided_sampler_equals_a_reference_loop(host, mini_ckpt, sampler_name):
     sigmas = comfy.samplers.calculate_sigmas(base.model_sampling, "normal", steps)
     alphas = [step_size * math.sqrt(a) for a in torch.linspace(1.0, 0.5, steps).tolist()]
     x = comfy.sample.prepare_noise(torch.zeros(1, 4, 8, 8), seed) * torch.sqrt(1.0 + sigmas[0] ** 2)
-    state = {"generator": torch.Generator().manual_seed(seed)}
+    from comfy.k_diffusion.sampling import default_noise_sampler
+    state = {"noise": default_noise_sampler(x, seed=seed)}
     masks = None
     ref_losses = []
     for i in range(steps):
