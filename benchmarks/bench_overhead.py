@@ -1,7 +1,7 @@
 """Overhead of A-STAR guidance against plain sampling, beside Attend-and-Excite (ours and diffusers').
 
 One run times, at equal settings (exact SD1.5 or SDXL-base layout with random weights, same prompt,
-seed, cfg, steps, guided steps, no refinement), with interleaved repetitions. The A-STAR nodes guide the
+seed, cfg, steps, guided steps; A&E's refinement in both A&E configurations), with interleaved repetitions. The A-STAR nodes guide the
 steps i < guidance_end * steps (window 0 to --guidance-end, default 0.5: 25 of 50 steps); diffusers' A&E
 pipeline guides as many (max_iter_to_alter):
 
@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import re
@@ -129,13 +130,20 @@ def guided_count(steps: int, guidance_end: float) -> int:
     return sum(1 for i in range(steps) if i < guidance_end * steps)
 
 
+def ae_thresholds(steps: int) -> dict[int, float]:
+    """A&E's refinement points (fractions 0, 0.2, 0.4) as step indices of `steps`, placed as the pack places
+    them (first step at or after f * steps): {0: 0.05, 10: 0.5, 20: 0.8} at 50 steps, diffusers' default."""
+    return {math.ceil(f * steps): t for f, t in ((0.0, 0.05), (0.2, 0.5), (0.4, 0.8))}
+
+
 def _graph(a, kind: str, size: int, steps: int, guidance_end: float, seed: int = SEED):
     from support.graphs import sd15_graph  # SD1.5 and SDXL graphs are the same nodes
     sampler = "KSampler" if kind == "comfy_plain" else "AStarKSampler"
     mode = "attend_excite" if kind == "comfy_ae" else "astar"
     g = sd15_graph(CKPTS[a.model], sampler=sampler, prompt=PROMPT, negative=NEGATIVE, concepts=CONCEPTS, size=size, steps=steps,
                    seed=seed, cfg=CFG, sampler_name="euler", scheduler="normal", resolution="1/32", mode=mode,
-                   step_size=STEP_SIZE, decode=False, guidance_start=0.0, guidance_end=guidance_end, refine="off")
+                   step_size=STEP_SIZE, decode=False, guidance_start=0.0, guidance_end=guidance_end,
+                   refine="auto")  # auto: A&E's refinement in attend_excite mode, none in astar mode
     g["out"] = {"class_type": "PreviewAny", "inputs": {"source": ["sampler", 0]}}
     return g
 
@@ -350,11 +358,20 @@ def diffusers_worker(kind: str, a) -> dict:
         kw = dict(prompt=PROMPT, negative_prompt=NEGATIVE, height=size, width=size, num_inference_steps=steps,
                   guidance_scale=CFG, generator=torch.Generator(a.device).manual_seed(SEED), output_type="latent")
         if kind == "diffusers_ae":
-            # "a cat and a frog": <start> a cat and a frog -> cat 2, frog 5. thresholds={} turns iterative
-            # refinement off (it runs only at steps listed there); max_iter_to_alter = guided steps.
-            kw.update(token_indices=[2, 5], max_iter_to_alter=guided, thresholds={}, scale_factor=int(STEP_SIZE),
-                      attn_res=(size // 32, size // 32))
+            # "a cat and a frog": <start> a cat and a frog -> cat 2, frog 5. max_iter_to_alter = guided steps;
+            # refinement at A&E's points placed on this step count as the pack places them.
+            kw.update(token_indices=[2, 5], max_iter_to_alter=guided, thresholds=ae_thresholds(steps),
+                      scale_factor=int(STEP_SIZE), attn_res=(size // 32, size // 32))
         return pipe(**kw)
+
+    calls = {"unet": 0}
+    real_forward = pipe.unet.forward
+
+    def counted_forward(*args, **kwargs):
+        calls["unet"] += 1
+        return real_forward(*args, **kwargs)
+
+    pipe.unet.forward = counted_forward
 
     if kind == "diffusers_ae":
         ids = pipe.get_indices(PROMPT)
@@ -362,9 +379,12 @@ def diffusers_worker(kind: str, a) -> dict:
     t = time.perf_counter()
     call(WARMUP_SIZE, 1, 1)
     warmup_s = time.perf_counter() - t
+    calls["unet"] = 0
     with Meter(a.device) as m:
         call(a.size, a.steps, a.guided)
-    return dict(m.result, warmup_s=warmup_s, torch_threads=torch.get_num_threads(),
+    # one batched CFG forward per step; every other UNet call is a guidance pass (A&E's loss or refinement)
+    passes = {"guidance_passes": {"full": calls["unet"] - a.steps, "lean": 0}} if kind == "diffusers_ae" else {}
+    return dict(m.result, **passes, warmup_s=warmup_s, torch_threads=torch.get_num_threads(),
                 diffusers_version=diffusers.__version__, scheduler="DDIMScheduler",
                 weights_require_grad=any(p.requires_grad for p in pipe.unet.parameters()))
 
@@ -428,6 +448,8 @@ def summarize(runs: dict, configs, a) -> dict:
                 "rss_peak_mib_max": max(r["rss_peak_mib"] for r in rs),
                 "rss_increase_mib_max": max(r["rss_increase_mib"] for r in rs),
                 "reps": len(rs)}
+        if all("guidance_passes" in r for r in rs):  # full + lean passes of the last run (deterministic)
+            s[c]["guidance_passes"] = rs[-1]["guidance_passes"]["full"] + rs[-1]["guidance_passes"]["lean"]
         if a.device == "cuda":
             s[c]["gpu_peak_mib_max"] = max(r["gpu_peak_mib"] for r in rs)
             s[c]["gpu_increase_mib_max"] = max(r["gpu_increase_mib"] for r in rs)
@@ -457,14 +479,14 @@ def summarize(runs: dict, configs, a) -> dict:
 def table(summary: dict, components: dict | None, a) -> str:
     s, r = summary["per_config"], summary["ratios_to_plain"]
     lines = [f"{'configuration':<26}{'wall s':>9}{'cpu s':>9}{'x plain':>9}{'cpu x':>7}{'min x':>7}{'cpu min x':>10}"
-             f"{'peak RSS MiB':>14}{'+MiB':>8}{'x peak':>8}{'step+ (plain steps)':>21}"]
+             f"{'peak RSS MiB':>14}{'+MiB':>8}{'x peak':>8}{'step+ (plain steps)':>21}{'passes':>8}"]
     for c, v in s.items():
         rr = r.get(c, {})
         lines.append(f"{c:<26}{v['wall_s_median']:>9.1f}{v['cpu_s_median']:>9.1f}"
                      f"{rr.get('wall', 1.0):>9.3f}{rr.get('cpu', 1.0):>7.3f}{rr.get('wall_min', 1.0):>7.3f}"
                      f"{rr.get('cpu_min', 1.0):>10.3f}{v['rss_peak_mib_max']:>14.0f}"
                      f"{v['rss_increase_mib_max']:>8.0f}{rr.get('rss_peak', 1.0):>8.3f}"
-                     f"{rr.get('guided_step_extra_in_plain_steps', 0.0):>21.2f}")
+                     f"{rr.get('guided_step_extra_in_plain_steps', 0.0):>21.2f}{v.get('guidance_passes', 0):>8}")
     if components:
         m = components["median_s"]
         lines.append(f"guidance pass at {a.size} px: forward (cond, batch 1, no grad) {m['forward_cond_nograd']:.2f} s; "
@@ -524,7 +546,9 @@ def orchestrate(a) -> None:
                 doc = {"benchmark": "bench_overhead", "machine": info,
                        "settings": {"device": a.device, "model": a.model, "size_px": a.size, "steps": a.steps, "guided_steps": a.guided,
                                     "guidance_window": [0.0, a.guidance_end],
-                                    "refinement": False, "cfg": CFG, "seed": SEED, "step_size": STEP_SIZE,
+                                    "refinement": {"comfy_astar": "off (A-STAR mode)", "comfy_ae": "A&E's: 0:0.05, 0.2:0.5, 0.4:0.8, <= 20 iterations",
+                                                   "diffusers_ae": {str(k): v for k, v in ae_thresholds(a.steps).items()}},
+                                    "cfg": CFG, "seed": SEED, "step_size": STEP_SIZE,
                                     "prompt": PROMPT, "concepts": CONCEPTS, "comfy_sampler": "euler/normal",
                                     "comfy_attention_resolution": "1/32", "comfy_checkpoint": f"{CKPTS[a.model]} (exact {a.model} layout, random weights"
                                                         + (", UNet weights fp16)" if a.model == "sdxl" else ")"),
