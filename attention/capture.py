@@ -1,7 +1,7 @@
-"""Collectors for cross-attention probabilities seen during UNet forward passes.
+"""Collectors for the text-attention probabilities seen during model forward passes.
 
-The attention patch hands every selected layer's cond-branch probabilities to the collectors that
-are active in that pass. One collector object per sampling run or guidance pass; nothing global.
+The UNet's cross-attention patch and the joint-attention hook (Flux, SD3) hand every selected layer's
+or block's cond-branch probabilities [B, h*w, T] to the collectors that are active in that pass. One collector object per sampling run or guidance pass; nothing global.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ class GuidanceCapture:
     def record(self, key, probs: torch.Tensor, size: tuple[int, int], step) -> None:
         """probs [B, h*w, T] of layer `key` at spatial size (h, w)."""
         if self.size is not None and size != self.size:
-            raise ValueError(f"selected layers differ in size: {self.size} and {size}")
+            raise ValueError(f"selected layers or blocks differ in map size: {self.size} and {size}")
         self.size = size
         self.probs.append(fold_repeated_context(probs, self.n_tokens))
         self.keys.append(key)
@@ -56,7 +56,7 @@ class GuidanceCapture:
     def concept_maps(self, token_groups) -> torch.Tensor:
         """[B, C, h, w] concept maps of this pass."""
         if not self.probs:
-            raise LookupError("no cross-attention layer of the selected resolution ran")
+            raise LookupError("no selected attention layer or block ran in this pass")
         mean = torch.stack(self.probs).mean(0)
         soft = token_softmax(mean, _excluded(self.excluded, mean.shape[-1]))
         return concept_maps(soft, token_groups, *self.size)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .maps import concept_maps, fold_repeated_context, gaussian_smooth, token_softmax
 
 # Default budget for one chunk's logits, in elements (2^24 fp32 = 64 MiB).
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
@@ -168,38 +167,3 @@ def text_key_probs(q: torch.Tensor, k: torch.Tensor, txt, img, *, scale: float |
         if mask.dim() >= 2 and mask.shape[-2] != 1:
             mask = mask[..., img[0]:img[1], :]
     return _TextKeyProbs.apply(q_img, k, txt, float(scale), mask, rows)
-
-
-class JointCapture:
-    """A sink for the joint-attention hook (nodes/joint_attention.py): keeps the text-key
-    probabilities of one forward pass, per block, and turns them into concept maps.
-
-    record(key, probs [B, n_img, n_txt], grid_hw, step) is the hook's call. uuids: the cond uuids to
-    read (None = every cond entry), read by the hook. n_tokens: the prompt's context length, to fold
-    a context ComfyUI repeated to a longer cond's length."""
-
-    def __init__(self, uuids=None, n_tokens: int | None = None):
-        self.uuids = uuids
-        self.n_tokens = n_tokens
-        self.keys: list = []
-        self.probs: list[torch.Tensor] = []
-        self.steps: list = []
-        self.grid_hw: tuple[int, int] | None = None
-
-    def record(self, key, probs: torch.Tensor, grid_hw: tuple[int, int], step=None, **kwargs) -> None:
-        if self.grid_hw is not None and tuple(grid_hw) != self.grid_hw:
-            raise ValueError(f"recorded blocks differ in grid size: {self.grid_hw} and {tuple(grid_hw)}")
-        self.grid_hw = tuple(grid_hw)
-        self.keys.append(key)
-        self.probs.append(fold_repeated_context(probs, self.n_tokens))
-        self.steps.append(step)
-
-    def concept_maps(self, token_groups, excluded, smoothing: bool = True, temperature: float = 100.0) -> torch.Tensor:
-        """[B, C, h, w]: mean over the recorded blocks (heads are already averaged), A&E's token
-        softmax over the non-excluded text tokens, each concept's tokens summed, optional 3x3
-        smoothing (as for the UNet maps)."""
-        if not self.probs:
-            raise LookupError("no joint-attention block was recorded in this pass")
-        mean = torch.stack(self.probs).mean(0)
-        maps = concept_maps(token_softmax(mean, excluded, temperature), token_groups, *self.grid_hw)
-        return gaussian_smooth(maps) if smoothing else maps

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .guidance_inputs import ORDER_NOTE, build_guidance, concept_inputs, guidance_inputs
+from .guidance_inputs import (MODEL_TOOLTIP, ORDER_NOTE, build_guidance, concept_inputs, guidance_inputs,
+                              joint_blocks_input)
 from .types import AttentionType
 
 RUNS_TOOLTIP = ("Filled by every sampler run that uses the patched model (the last 8 runs, oldest first), for "
@@ -23,8 +24,7 @@ class AStarApply(io.ComfyNode):
                         "samplers) takes gradient steps on the latent at the guided steps, keeping the listed "
                         "concepts' cross-attention apart (segregation) and in place (retention). The positive "
                         "prompt must come from A-STAR Text Encode. " + ORDER_NOTE,
-            inputs=[io.Model.Input("model", tooltip="An SD1.x/SD2.x/SDXL model (LoRAs and other patches welcome). "
-                                                    + ORDER_NOTE),
+            inputs=[io.Model.Input("model", tooltip=MODEL_TOOLTIP),
                     *guidance_inputs()],
             outputs=[
                 io.Model.Output(tooltip="The patched model; connect it to any sampler node."),
@@ -47,7 +47,8 @@ class AStarAttentionRecorder(io.ComfyNode):
             category="sampling/astar",
             description="Records the concepts' cross-attention maps of any sampler run (stock KSampler included), "
                         "without guiding it. The positive prompt must come from A-STAR Text Encode. " + ORDER_NOTE,
-            inputs=[io.Model.Input("model", tooltip="The model to record. " + ORDER_NOTE), *concept_inputs()],
+            inputs=[io.Model.Input("model", tooltip="The model to record. " + ORDER_NOTE), *concept_inputs(),
+                    joint_blocks_input()],
             outputs=[
                 io.Model.Output(tooltip="The same model, recording its cross-attention. Outputs are unchanged."),
                 AttentionType.Output(display_name="attention", tooltip=RUNS_TOOLTIP),
@@ -55,5 +56,6 @@ class AStarAttentionRecorder(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, concepts, attention_resolution) -> io.NodeOutput:
-        return io.NodeOutput(*build_guidance(model, concepts, attention_resolution, guidance_end=0.0))
+    def execute(cls, model, concepts, attention_resolution, joint_blocks="") -> io.NodeOutput:
+        return io.NodeOutput(*build_guidance(model, concepts, attention_resolution, guidance_end=0.0,
+                                             joint_blocks=joint_blocks))

@@ -10,13 +10,17 @@ from ..attention.guidance import GuidanceConfig
 from ..attention.recording import RecordedRuns
 from ..attention.schedule import AE_REFINEMENT_POINTS, parse_thresholds
 from ..attention.tokens import parse_concepts
-from .attention_patch import add_capture_patches, cross_attention_keys
+from .attention_patch import add_capture_patches
+from .joint_attention import DEFAULT_BLOCKS, add_joint_attention_hook
+from .joint_tokens import joint_token_layout
+from .model_family import UNET, model_family
 from .prompt import prompt_tokens_of
 from .sampling_wrapper import WRAPPER_KEY, AStarSampling
 
 RESOLUTIONS = {"1/32": 2, "1/16": 1, "1/8": 0, "1/64": 3}  # of the image side -> UNet downsample level
 ORDER_NOTE = ("Patch order: apply attention-replacing patches (IPAdapter, NAG, ...) BEFORE this node; "
               "A-STAR chains to them. A patch applied after it replaces A-STAR's at the same layers.")
+MODEL_TOOLTIP = "An SD1.x/SD2.x/SDXL, Flux.1 or SD3/SD3.5 model (LoRAs and other patches welcome). " + ORDER_NOTE
 AE_THRESHOLDS_TEXT = ", ".join(f"{p:g}:{t:g}" for p, t in AE_REFINEMENT_POINTS.items())
 
 
@@ -29,8 +33,19 @@ def concept_inputs():
         io.Combo.Input("attention_resolution", options=list(RESOLUTIONS), default="1/32",
                        tooltip="Which cross-attention layers to read, by their size relative to the image side. "
                                "1/32 is A&E's choice (SD1.5 at 512 px: 16x16, input 7-8 and output 3-5; SDXL: "
-                               "input 7-8, middle, output 0-2). Small UNets may only have 1/16."),
+                               "input 7-8, middle, output 0-2). Small UNets may only have 1/16. UNet models "
+                               "only (Flux.1/SD3.5: joint_blocks)."),
     ]
+
+
+def joint_blocks_input():
+    # optional: API-format prompts saved before this input existed stay valid
+    return io.String.Input(
+        "joint_blocks", default="", optional=True,
+        tooltip="Flux.1 and SD3/SD3.5 only: the joint-attention blocks whose text attention makes the maps, as "
+                "TYPE:all, TYPE:N or TYPE:A-B items separated by commas. Empty = the default: "
+                f"Flux '{DEFAULT_BLOCKS['flux']}' (every double-stream block), SD3.5 '{DEFAULT_BLOCKS['sd3']}' "
+                "(clipped to the model's blocks). Leave empty for SD1.x/SD2.x/SDXL.")
 
 
 def guidance_inputs():
@@ -70,6 +85,7 @@ def guidance_inputs():
                                 "= 0, 0.2, 0.4). attend_excite: weakest concept peak >= threshold; astar: "
                                 "1 - mean pairwise overlap >= threshold."),
         io.Int.Input("max_refine_iters", default=20, min=1, max=200, tooltip="Cap on refinement iterations per point."),
+        joint_blocks_input(),
         io.Mask.Input("layout_masks", optional=True,
                       tooltip="Optional user layout (paper Fig. 12): mask n is where concept n should be; it "
                               "replaces that concept's retention mask at every guided step. An all-zero mask "
@@ -80,12 +96,16 @@ def guidance_inputs():
 def build_guidance(model, concepts, attention_resolution, positive=None, mode="astar", guidance_start=0.0,
                    guidance_end=0.0, step_size=20.0, segregation_weight=1.0, retention_weight=1.0,
                    binarization="fraction", mask_fraction=0.5, smoothing=True, refine="auto",
-                   refine_thresholds=AE_THRESHOLDS_TEXT, max_refine_iters=20, layout_masks=None, **kwargs):
+                   refine_thresholds=AE_THRESHOLDS_TEXT, max_refine_iters=20, layout_masks=None, joint_blocks="",
+                   **kwargs):
     """A patched clone of `model` and the list its sampler runs will append their recordings to.
     Validates everything it can before any sampling."""
-    # The model first: with an SD3/Flux/video model the prompt comes from another encoder, and the
-    # model's type is the error to report, not the prompt's.
-    cross_attention_keys(model)  # clear error for models without UNet cross-attention
+    # The model first: with a video model the prompt comes from another encoder, and the model's type
+    # is the error to report, not the prompt's.
+    family = model_family(model)
+    if family == UNET and joint_blocks.strip():
+        raise ValueError(f"joint_blocks ('{joint_blocks}') is for Flux.1 and SD3.5 models; this is a UNet model: "
+                         "leave joint_blocks empty and choose its layers with attention_resolution")
     if model.get_wrappers(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY):
         raise ValueError("A-STAR is already applied to this model (an A-STAR Apply, Recorder or KSampler before "
                          "this node): apply it once, listing every concept in that one node.")
@@ -99,14 +119,23 @@ def build_guidance(model, concepts, attention_resolution, positive=None, mode="a
     if layout_masks is not None and layout_masks.shape[0] > len(specs):
         raise ValueError(f"{layout_masks.shape[0]} layout masks for {len(specs)} concepts: give one mask per "
                          "concept, in the order of the concepts (an all-zero mask leaves a concept free)")
-    if positive is not None:
-        prompt_tokens_of(positive).locate(specs)  # fail now, before sampling, on a word not in the prompt
+    if positive is not None:  # fail now, before sampling, on a word not in the prompt
+        prompt = prompt_tokens_of(positive)
+        if family == UNET:
+            prompt.locate(specs)
+        else:
+            joint_token_layout(prompt, specs, family)
     if mode == "astar" and len(specs) == 1 and guidance_end > guidance_start:
         logging.warning("A-STAR: one concept ('%s'): no pair to segregate, guiding with retention only",
                         specs[0].label)
     runs = RecordedRuns()
     patched = model.clone()
-    add_capture_patches(patched)
+    if family == UNET:
+        add_capture_patches(patched)
+        reader = {"level": RESOLUTIONS[attention_resolution]}
+    else:
+        add_joint_attention_hook(patched, joint_blocks.strip() or None)
+        reader = {"patch_size": int(patched.model.diffusion_model.patch_size)}
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY,
-                                 AStarSampling(specs, config, RESOLUTIONS[attention_resolution], runs, layout_masks))
+                                 AStarSampling(specs, config, runs, family=family, layout_masks=layout_masks, **reader))
     return patched, runs

@@ -19,8 +19,9 @@ wrapper (which sees the latent and the context) puts them, with the counter, int
 pass's transformer_options, and only in passes that carry a sink.
 
 Protocol (what the guidance code uses):
-- transformer_options[SINKS_KEY] (model_options["transformer_options"] of the pass, or a per-pass
-  copy of it): a list of sinks. Each sink has `record(key, probs, grid_hw, step)` and may have
+- transformer_options[CAPTURES_KEY] (the key the UNet patch reads too; model_options["transformer_options"]
+  of the pass, or a per-pass copy of it): a list of sinks (attention/capture.py's collectors). Each
+  sink has `record(key, probs, grid_hw, step)` and may have
   `uuids` (None = every cond entry; else the ComfyUI cond uuids whose cond chunks to read) and
   `complete` (when every sink is complete after a record, the hook raises
   attention.capture.StopForward, as the UNet patch does for a lean guidance pass).
@@ -39,23 +40,20 @@ import re
 from dataclasses import dataclass
 
 import comfy.patcher_extension
-from comfy.ldm.flux.model import Flux
-from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
 
 from ..attention.capture import StopForward
 from ..attention.joint import text_key_probs
-from .attention_patch import step_of
+from .attention_patch import CAPTURES_KEY, step_of
+from .model_family import FLUX, JOINT_FAMILIES, SD3, model_family
 
 # transformer_options keys
-SINKS_KEY = "astar_joint_sinks"  # list of sinks active in this pass (set by the guidance code)
 PASS_KEY = "astar_joint_pass"  # JointPass of the current forward (set by JointLayoutWrapper)
 OVERRIDE_KEY = "optimized_attention_override"  # ComfyUI's own key
 WRAPPER_KEY = "astar_joint_attention"  # key of the APPLY_MODEL wrapper
 
 # Defaults (see README "Flux.1 and SD3.5"): FOCUS reads Flux's double-stream blocks; JEDI reads
 # SD3.5's joint blocks 4-16. A block list beyond the model's blocks is clipped to them.
-DEFAULT_BLOCKS = {"flux": "double:all", "sd3": "joint:4-16"}
-FAMILY_BLOCK_TYPES = {"flux": ("double", "single"), "sd3": ("joint",)}
+DEFAULT_BLOCKS = {FLUX: "double:all", SD3: "joint:4-16"}
 
 
 @dataclass
@@ -72,23 +70,10 @@ class JointPass:
         return self.grid_hw[0] * self.grid_hw[1]
 
 
-def model_family(model_patcher) -> str:
-    """"flux" or "sd3" for a ComfyUI MODEL, or a clear error for other models."""
-    net = getattr(model_patcher.model, "diffusion_model", None)
-    if isinstance(net, Flux):
-        return "flux"
-    if isinstance(net, MMDiT):
-        return "sd3"
-    raise ValueError(
-        f"joint-attention maps need a Flux or SD3/SD3.5 model; this model is "
-        f"{type(model_patcher.model).__name__} ({type(net).__name__}). For SD1.x/SD2.x/SDXL use the "
-        "UNet cross-attention recording.")
-
-
 def block_counts(model_patcher) -> dict[str, int]:
     """Number of blocks of each type: {"double": n, "single": m} (Flux) or {"joint": n} (SD3)."""
     net = model_patcher.model.diffusion_model
-    if model_family(model_patcher) == "flux":
+    if model_family(model_patcher) == FLUX:
         return {"double": len(net.double_blocks), "single": len(net.single_blocks)}
     return {"joint": len(net.joint_blocks)}
 
@@ -153,7 +138,7 @@ class JointAttentionOverride:
 
     def __call__(self, func, *args, **kwargs):
         options = kwargs.get("transformer_options") or {}
-        sinks = options.get(SINKS_KEY)
+        sinks = options.get(CAPTURES_KEY)
         layout = options.get(PASS_KEY)
         if sinks and layout is not None:
             self._record(sinks, layout, options, {**dict(zip(_ATTENTION_ARGS, args)), **kwargs})
@@ -162,7 +147,7 @@ class JointAttentionOverride:
         return func(*args, **kwargs)
 
     def _block_key(self, layout: JointPass, options):
-        if self.family == "flux":
+        if self.family == FLUX:
             return options.get("block_type"), options.get("block_index")
         key = ("joint", layout.joint_calls)
         layout.joint_calls += 1
@@ -217,7 +202,7 @@ class JointLayoutWrapper:
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
                  **kwargs):
         options = transformer_options if transformer_options is not None else {}
-        if options.get(SINKS_KEY) and c_crossattn is not None:
+        if options.get(CAPTURES_KEY) and c_crossattn is not None:
             p = self.patch_size
             grid = (math.ceil(x.shape[-2] / p), math.ceil(x.shape[-1] / p))
             options = {**options, PASS_KEY: JointPass(c_crossattn.shape[1] + self.register_tokens, grid)}
@@ -230,6 +215,9 @@ def add_joint_attention_hook(model_patcher, blocks: str | None = None) -> tuple[
     hooked model replaces the block choice). blocks: as parse_blocks
     reads them; None = DEFAULT_BLOCKS of the family. Returns the block keys that will be recorded."""
     family = model_family(model_patcher)
+    if family not in JOINT_FAMILIES:
+        raise ValueError(f"joint-attention maps need a Flux or SD3/SD3.5 model; this is a UNet model ({family}): "
+                         "its cross-attention is read by the UNet patch")
     keys = parse_blocks(DEFAULT_BLOCKS[family] if blocks is None else blocks, block_counts(model_patcher))
     net = model_patcher.model.diffusion_model
     options = model_patcher.model_options.setdefault("transformer_options", {})

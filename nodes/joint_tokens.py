@@ -36,14 +36,14 @@ class JointTokenLayout:
     excluded: tuple[int, ...]
 
     def check_context(self, n_txt: int) -> None:
-        """Raise a clear error when recorded attention has n_txt text keys that are not this prompt's
-        context (or a whole number of copies of it, as ComfyUI repeats a shorter cond)."""
-        if n_txt < self.n_tokens or n_txt % self.n_tokens:
+        """Raise a clear error when a conditioning's own context (before ComfyUI repeats it to batch it
+        with a longer one) has n_txt tokens, which is not this prompt's context."""
+        if n_txt != self.n_tokens:
             raise ValueError(
-                f"the model attends to {n_txt} text tokens, but the A-STAR prompt's context has "
-                f"{self.n_tokens}: the conditioning was changed after A-STAR Text Encode (e.g. a text "
-                "encoder without T5, or a concatenated prompt); encode the positive prompt with "
-                "A-STAR Text Encode and the model's own text encoders")
+                f"the conditioning has {n_txt} text tokens, but the A-STAR prompt's context has "
+                f"{self.n_tokens}: it was changed after A-STAR Text Encode (e.g. ConditioningConcat, or a text "
+                "encoder without T5); encode the positive prompt with A-STAR Text Encode and the model's own "
+                "text encoders, and connect it to the sampler directly or through nodes that keep its text")
 
 
 def _clip_excluded(ids) -> set[int]:
@@ -64,7 +64,7 @@ def _t5_excluded(ids) -> set[int]:
 
 def _segment_positions(prompt: PromptTokens, keys, specs):
     """Concept positions in one segment; encoders sharing a segment must agree."""
-    found = [locate_concepts(prompt.ids[key], specs, prompt._word_ids(key), prompt._names(key)) for key in keys]
+    found = [locate_concepts(prompt.ids[key], specs, prompt.word_ids(key), prompt.names(key)) for key in keys]
     if any(groups != found[0] for groups in found[1:]):
         raise ValueError(f"the text encoders {keys} disagree on concept positions ({found}); please report this prompt")
     return found[0]

@@ -34,11 +34,13 @@ class PromptTokens:
     def length(self) -> int:
         return len(next(iter(self.ids.values())))
 
-    def _names(self, key):
+    def names(self, key) -> list[str]:
+        """The token text of each of the encoder's positions."""
         inv = _encoder_tokenizer(self.tokenizer, key).inv_vocab
         return [inv.get(i, "?") if i is not None else "<embedding>" for i in self.ids[key]]
 
-    def _word_ids(self, key):
+    def word_ids(self, key):
+        """word -> the encoder's token ids of it (no start/end token)."""
         sub = _encoder_tokenizer(self.tokenizer, key)
         return lambda word: sub.tokenizer(word)["input_ids"][sub.tokens_start:-1]
 
@@ -66,7 +68,7 @@ class PromptTokens:
 
     def locate(self, specs: list[ConceptSpec]) -> list[list[int]]:
         """Positions of each concept; every encoder must agree (SDXL's g and l do)."""
-        found = {key: locate_concepts(ids, specs, self._word_ids(key), self._names(key))
+        found = {key: locate_concepts(ids, specs, self.word_ids(key), self.names(key))
                  for key, ids in self.ids.items()}
         first = next(iter(found.values()))
         for key, groups in found.items():

@@ -5,7 +5,7 @@ import comfy.samplers
 import nodes as comfy_nodes  # ComfyUI's nodes.py (common_ksampler); this package's own modules are relative
 from comfy_api.latest import io
 
-from .guidance_inputs import ORDER_NOTE, build_guidance, guidance_inputs
+from .guidance_inputs import MODEL_TOOLTIP, ORDER_NOTE, build_guidance, guidance_inputs
 from .types import AttentionType
 
 
@@ -21,7 +21,7 @@ class AStarKSampler(io.ComfyNode):
                         "in place (retention), so every concept of the prompt appears. Works with every sampler "
                         "and scheduler. " + ORDER_NOTE,
             inputs=[
-                io.Model.Input("model", tooltip="An SD1.x/SD2.x/SDXL model (LoRAs and other patches welcome). " + ORDER_NOTE),
+                io.Model.Input("model", tooltip=MODEL_TOOLTIP),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
                              tooltip="The random seed used for creating the noise."),
                 io.Int.Input("steps", default=50, min=1, max=10000, tooltip="The number of denoising steps."),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 
 import torch
 
@@ -28,6 +29,8 @@ from ..attention.schedule import in_window, refinement_threshold, schedule_posit
 from ..attention.tokens import ConceptSpec
 from .attention_patch import CAPTURES_KEY, STEP_KEY
 from .autograd_weights import casts_weights, control_modules, make_autograd_safe
+from .joint_tokens import joint_token_layout
+from .model_family import UNET
 from .prompt import PROMPT_KEY, context_tokens, prompt_tokens_of
 from .sampler_steps import StepTracker, UNGUIDABLE, function_name, refuse_unguidable
 
@@ -57,19 +60,37 @@ def guidable_sampler_names() -> list[str]:
 
 class AStarSampling:
     """SAMPLER_SAMPLE wrapper. Holds the user's settings; everything about one run lives in that
-    run's call (a _GuidedRun). Each run appends its AttentionRecording to `recordings`."""
+    run's call (a _GuidedRun). Each run appends its AttentionRecording to `recordings`.
 
-    def __init__(self, specs: list[ConceptSpec], config: GuidanceConfig, level: int,
-                 recordings: list, layout_masks: torch.Tensor | None = None, lean: bool = True):
+    family: "unet" (maps from the cross-attention layers `level` downsamplings below the latent) or
+    "flux" / "sd3" (maps from joint attention, on the grid of patch_size x patch_size latent patches)."""
+
+    def __init__(self, specs: list[ConceptSpec], config: GuidanceConfig, recordings: list, family: str = UNET,
+                 level: int | None = None, patch_size: int | None = None,
+                 layout_masks: torch.Tensor | None = None, lean: bool = True):
         self.specs = specs
         self.config = config
-        self.level = level
         self.recordings = recordings
+        self.family = family
+        self.level = level
+        self.patch_size = patch_size
         self.layout_masks = layout_masks  # [N, H, W], mask n for concept n
         self.lean = lean
         # latent size -> the read layers a full guidance pass found, so later runs start lean (a wrong
         # entry only costs one full pass: a pass that records other layers runs in full and re-learns)
         self.learned_layers: dict[tuple, tuple] = {}
+
+    def map_size(self, latent_hw) -> tuple[int, int]:
+        """(h, w) of the concept maps for a latent of latent_hw."""
+        if self.family == UNET:
+            return map_size(latent_hw, self.level)
+        return tuple(math.ceil(s / self.patch_size) for s in latent_hw)
+
+    def read_failure(self) -> str:
+        if self.family == UNET:
+            return (f"this UNet has no cross-attention layer at the chosen attention resolution "
+                    f"(1/{8 * 2 ** self.level} of the image side); choose another resolution")
+        return "no chosen joint-attention block ran in this model's forward pass; check joint_blocks"
 
     def __call__(self, executor, guider, sigmas, extra_args, callback, noise, *args, **kwargs):
         sampler = executor.class_obj
@@ -102,12 +123,19 @@ class _GuidedRun:
         self.n_steps = len(self.sigmas) - 1
         self.positive = guider.conds.get("positive")
         prompt = prompt_tokens_of(self.positive)
-        self.groups = prompt.locate(owner.specs)
         # Only the conditioning entries of this prompt are read (ConditioningCombine adds others).
         self.entries = [c for c in self.positive if c.get(PROMPT_KEY) is prompt]
-        n_context = next((n for n in map(context_tokens, self.entries) if n), prompt.length)
+        n_context = next((n for n in map(context_tokens, self.entries) if n), None)
+        if owner.family == UNET:
+            n_context = n_context or prompt.length
+            self.groups, excluded = prompt.locate(owner.specs), prompt.excluded_columns(n_context)
+        else:
+            layout = joint_token_layout(prompt, owner.specs, owner.family)
+            n_context = n_context or layout.n_tokens
+            layout.check_context(n_context)
+            self.groups, excluded = [list(g) for g in layout.groups], layout.excluded
         source = {"uuids": frozenset(c["uuid"] for c in self.entries if "uuid" in c) or None,
-                  "n_tokens": n_context, "excluded": prompt.excluded_columns(n_context)}
+                  "n_tokens": n_context, "excluded": excluded}
         self.capture = RunCapture(owner.level, [s.label for s in owner.specs], self.groups, **source)
         self.passes = GuidancePasses(owner.level, lean=owner.lean, **source)
         self.log: dict[int, dict] = {}
@@ -172,7 +200,7 @@ class _GuidedRun:
         masks = self.owner.layout_masks
         if masks is None:
             return None
-        h, w = map_size(latent_hw, self.owner.level)
+        h, w = self.owner.map_size(latent_hw)
         return {c: resize_mask(m, h, w) for c, m in enumerate(masks) if float(m.max()) > 0}
 
     def _model_input(self, model_k, x, sigma, extra_args):
@@ -202,9 +230,11 @@ class _GuidedRun:
             networks = [model, *controls]
             for module in networks:
                 make_autograd_safe(module)
-            # ControlNet adds its residuals in place (h += ctrl) to tensors the next layers have saved,
-            # so autograd keeps copies of those; weights cast per forward are recast at backward.
-            policy = {"recast_weight_casts": any(casts_weights(m) for m in networks), "copy_others": bool(controls)}
+            # ControlNet adds its residuals in place (h += ctrl), and Flux's blocks their outputs (img += ...),
+            # to tensors that earlier layers have saved, so autograd keeps copies of those; weights cast per
+            # forward are recast at backward.
+            policy = {"recast_weight_casts": any(casts_weights(m) for m in networks),
+                      "copy_others": bool(controls) or self.owner.family != UNET}
             x = x.clone()
             sigma = sigma.clone()  # 0-d
             sigma_b = sigma.reshape(1).expand(x.shape[0])
@@ -225,9 +255,7 @@ class _GuidedRun:
                 try:
                     return capture.concept_maps(self.groups)
                 except LookupError:
-                    raise ValueError(
-                        f"this UNet has no cross-attention layer at the chosen attention resolution "
-                        f"(1/{8 * 2 ** self.owner.level} of the image side); choose another resolution") from None
+                    raise ValueError(self.owner.read_failure()) from None
 
             size = tuple(x.shape[-2:])
             if self.passes.layers is None:

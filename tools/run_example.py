@@ -56,6 +56,7 @@ SAMPLERS = ("KSampler", "KSamplerAdvanced", "AStarKSampler", "BasicScheduler")
 GUIDED = ("AStarKSampler", "AStarApply")  # nodes with the guidance window
 RESOLUTION_NODES = GUIDED + ("AStarAttentionRecorder",)
 # Pixel-size inputs scaled with the latent (the ControlNet hint drawn with core nodes).
+EMPTY_LATENTS = ("EmptyLatentImage", "EmptySD3LatentImage")  # SD1.x/SDXL; SD3/Flux (16 channels)
 SIZE_INPUTS = {"EmptyLatentImage": ("width", "height"), "EmptyImage": ("width", "height"),
                "SolidMask": ("width", "height"), "MaskComposite": ("x", "y"),
                "ImageCompositeMasked": ("x", "y")}
@@ -81,7 +82,7 @@ def adapt_prompt(prompt: dict, *, ckpt: str | None = None, lora: str | None = No
             raise ValueError(f"{name} is a fraction of the steps the sampler runs, 0 to 1; got {value!r}")
     out = json.loads(json.dumps(prompt))
     nodes = out.values()
-    latent_w = [n["inputs"].get("width") for n in nodes if n["class_type"] == "EmptyLatentImage"]
+    latent_w = [n["inputs"].get("width") for n in nodes if n["class_type"] in EMPTY_LATENTS]
     scale = size / latent_w[0] if size and latent_w and isinstance(latent_w[0], int) else None
     for n in nodes:
         ct, inp = n["class_type"], n["inputs"]
@@ -92,7 +93,7 @@ def adapt_prompt(prompt: dict, *, ckpt: str | None = None, lora: str | None = No
         if controlnet and ct in ("ControlNetLoader", "DiffControlNetLoader"):
             inp["control_net_name"] = controlnet
         if scale:
-            if ct == "EmptyLatentImage":
+            if ct in EMPTY_LATENTS:
                 inp["width"] = inp["height"] = size
             elif ct in SIZE_INPUTS:
                 for key in SIZE_INPUTS[ct]:

@@ -55,7 +55,7 @@ UPLOAD_OPTIONS = ("image_upload", "video_upload", "audio_upload", "animated_imag
 SEED_NAMES = ("seed", "noise_seed")
 # Combo inputs naming model files: a workflow names the user's files, which a given host may lack.
 MODEL_FILE_INPUTS = ("ckpt_name", "lora_name", "control_net_name", "vae_name", "unet_name", "clip_name",
-                     "clip_name1", "clip_name2", "model_name", "upscale_model_name", "image")
+                     "clip_name1", "clip_name2", "clip_name3", "model_name", "upscale_model_name", "image")
 # Nodes that exist only in the frontend: never sent to the server.
 REROUTE_TYPES = {"Reroute"}
 PRIMITIVE_TYPES = {"PrimitiveNode"}

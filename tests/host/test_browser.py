@@ -185,10 +185,11 @@ def test_templates_dialog_shows_and_opens_the_examples(page, server):
     module = template_module(server)
     page.page.evaluate("async () => { await window.app.extensionManager.command.execute('Comfy.BrowseTemplates'); }")
     page.page.get_by_text(module, exact=True).first.click(timeout=30_000)
-    page.page.wait_for_function(
-        "(names) => names.every(n => { const img = document.querySelector("
-        "`[data-testid=\"template-workflow-${n}\"] img`); return img && img.complete && img.naturalWidth > 0; })",
-        arg=EXAMPLES, timeout=30_000)
+    for name in EXAMPLES:  # the dialog loads a card's image when it scrolls into view
+        page.page.locator(f'[data-testid="template-workflow-{name}"]').scroll_into_view_if_needed(timeout=30_000)
+        page.page.wait_for_function(
+            "(n) => { const img = document.querySelector(`[data-testid=\"template-workflow-${n}\"] img`);"
+            " return img && img.complete && img.naturalWidth > 0; }", arg=name, timeout=30_000)
     page.screenshot("templates_dialog", fit=False)
     start = len(page.console)
     page.page.evaluate("() => { window.__astarMissing = []; }")

@@ -7,16 +7,22 @@ ComfyUI's real tokenizers). 64 px images: Flux 4x4 image tokens + 256 T5 tokens;
 tokens + 77 CLIP + 77 T5 tokens."""
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 import torch
 
 from support import dit_models as D
 from support import dit_nodes
 from support import host as hosts
+from support.graphs import guidance_settings
 
 FLUX_FILE = "astar-test-flux1-dev-d1s1.safetensors"
+VAE16_FILE = "astar-test-vae16.safetensors"
 PROMPT = "a cat and a frog"
 GRID = (4, 4)  # 64 px -> 8x8 latent -> 2x2 patches
+SD35_STEP_SIZE = 200.0  # random weights: small gradients; the update must dwarf the tolerance
 
 
 class QKCapture:
@@ -94,7 +100,7 @@ def sd35(host, dit):
     _release(host, dit, ["sd35", "sd35_clip", "sd35_capture", "sd35_sink"])
 
 
-def graph(family, *, hook=False, blocks="", capture="", sink="", installs=1, text=PROMPT, steps=2):
+def graph(family, *, hook=False, blocks="", capture="", sink="", installs=1, text=PROMPT, steps=2, batch=1):
     if family == "flux":
         model = {"class_type": "UNETLoader", "inputs": {"unet_name": FLUX_FILE, "weight_dtype": "default"}}
         clip, cfg = "flux_clip", 1.0  # Flux dev: cfg 1, one (cond) pass per step
@@ -106,7 +112,7 @@ def graph(family, *, hook=False, blocks="", capture="", sink="", installs=1, tex
         "clip": {"class_type": "AStarTestClip", "inputs": {"name": clip}},
         "pos": {"class_type": "AStarTextEncode", "inputs": {"clip": ["clip", 0], "text": text}},
         "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["clip", 0], "text": "blurry"}},
-        "latent": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "latent": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": batch}},
     }
     source = ["model", 0]
     if hook:
@@ -118,6 +124,21 @@ def graph(family, *, hook=False, blocks="", capture="", sink="", installs=1, tex
         "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0], "denoise": 1.0}}
     g["out"] = {"class_type": "PreviewAny", "inputs": {"source": ["sampler", 0]}}
     return g
+
+
+def guided_graph(family, steps=3, guided_steps=2, batch=1, hook=False, capture="", **settings):
+    """graph() with A-STAR Apply between the model (or the test hook node) and the stock KSampler."""
+    g = graph(family, steps=steps, batch=batch, hook=hook, capture=capture)
+    inputs = guidance_settings(guided_steps=guided_steps, steps=steps, **settings)
+    g["apply"] = {"class_type": "AStarApply", "inputs": {"model": g["sampler"]["inputs"]["model"], **inputs}}
+    g["sampler"]["inputs"]["model"] = ["apply", 0]
+    return g
+
+
+def guided_run(host, g):
+    """(sampled latent, the run's AttentionRecording)."""
+    out = host.run(g)
+    return out["sampler"][0]["samples"], out["apply"][1][-1]
 
 
 def sampled(host, g):
@@ -159,7 +180,7 @@ def test_default_blocks_and_block_errors(host):
 
     class NotDiT:
         model = type("M", (), {"diffusion_model": torch.nn.Linear(1, 1)})()
-    with pytest.raises(ValueError, match="need a Flux or SD3/SD3.5 model.*Linear"):
+    with pytest.raises(ValueError, match="this model is M \\(Linear\\), which has neither"):
         ja.add_joint_attention_hook(NotDiT())
 
 
@@ -221,25 +242,109 @@ class TestFlux:
         assert layout.groups == (tuple(cat), tuple(frog))
         assert layout.excluded == tuple(range(end, 256))  # end token and padding
         layout.check_context(256)
-        layout.check_context(512)  # a context ComfyUI repeated to a longer negative's length
+        with pytest.raises(ValueError, match="has 256: it was changed after A-STAR Text Encode"):
+            layout.check_context(512)  # e.g. ConditioningConcat of two prompts
         check_missing_word(host, "flux")
 
     def test_maps_from_records_follow_the_token_layout(self, host, flux):
-        """The sink of attention/joint.py turns records into concept maps over the layout's tokens."""
-        joint = hosts.pack_module("attention.joint")
+        """The guidance pass's collector turns joint records into concept maps over the layout's tokens."""
+        capture_mod = hosts.pack_module("attention.capture")
         _, layout = layout_of(host, "flux")
         sink = flux.get("flux_sink")  # the records of the recording test above (same prompt)
         if sink is None or not sink.records:
             pytest.skip("needs the Flux recording test's records")
-        capture = joint.JointCapture(n_tokens=layout.n_tokens)
+        capture = capture_mod.GuidanceCapture(level=None, n_tokens=layout.n_tokens, excluded=layout.excluded)
         for key, probs, grid, step in sink.records[:2]:  # step 0: double 0 and single 0
             capture.record(key, probs, grid, step)
-        maps = capture.concept_maps(layout.groups, layout.excluded, smoothing=False)
+        maps = capture.concept_maps(layout.groups)
         mean = (sink.records[0][1] + sink.records[1][1]).double() / 2
         keep = [i for i in range(256) if i not in layout.excluded]
         soft = torch.softmax(100 * mean[..., keep], -1)
         want = torch.stack([soft[..., [keep.index(p) for p in g]].sum(-1) for g in layout.groups], 1)
         torch.testing.assert_close(maps.double(), want.reshape(1, 2, *GRID), rtol=1e-5, atol=1e-6)
+
+    def test_step_size_zero_is_the_stock_sampler_and_maps_are_recorded(self, host, flux):
+        stock = sampled(host, graph("flux", steps=3))
+        latent, rec = guided_run(host, guided_graph("flux", steps=3, guided_steps=2, step_size=0.0))
+        assert torch.equal(stock, latent)
+        assert rec.words == ["cat", "frog"] and rec.layers == [("double", 0)]  # the default: every double block
+        maps = rec.maps()
+        assert maps.shape == (3, 1, 1, 2) + GRID  # steps, blocks, batch, concepts, image-token grid
+        assert (maps >= 0).all() and (maps.sum(3) <= 1 + 1e-5).all() and maps.amax() > 0
+
+    @pytest.mark.parametrize("mode", ["astar", "attend_excite"])
+    def test_one_update_lowers_the_loss_and_the_pass_stops_after_the_last_read_block(self, host, flux, mode):
+        name = f"flux_count_{mode}"  # a new name: ComfyUI would serve a cached hook node otherwise
+        flux[name] = counter = BlockCounter()
+        _, rec = guided_run(host, guided_graph("flux", steps=2, guided_steps=1, hook=True, capture=name,
+                                               mode=mode, step_size=2.0, **one_iteration()))
+        check_lowered(rec, 1, f"flux {mode}")
+        # two guidance passes (trace above): the run's first runs in full and learns the read blocks; the
+        # second stops as soon as double block 0's probabilities are recorded, before the attention kernel
+        # (the test override under the hook) is called, so neither it nor single block 0 runs in that pass
+        assert [c for c in counter.calls if c[2]] == [("double", 0, True), ("single", 0, True)], counter.calls
+        assert [c for c in counter.calls if not c[2]] == [("double", 0, False), ("single", 0, False)] * 2
+
+    def test_example_runs_headless(self, host, server, flux):
+        prompt, out = run_example(host, server, "astar_flux", {
+            "UNETLoader": {"inputs": {"unet_name": FLUX_FILE, "weight_dtype": "default"}},
+            "DualCLIPLoader": {"class_type": "AStarTestClip", "inputs": {"name": "flux_clip"}}})
+        check_example_outputs(prompt, out, layers=1)  # the default blocks: Flux's double blocks (1 here)
+
+
+def run_example(host, server, name, loaders, **apply_inputs):
+    """An example workflow, converted as the frontend would send it, at 64 px and 3 steps, with its
+    loaders replaced by the test models (`loaders`: class_type -> API entry), run headless by the
+    in-process executor. Returns (prompt, outputs)."""
+    from tools.run_example import adapt_prompt
+    from tools.workflow_to_api import convert
+    D.build_vae16(hosts.models_dir() / "vae" / VAE16_FILE)
+    workflow = json.loads((hosts.PACK_DIR / "example_workflows" / f"{name}.json").read_text(encoding="utf-8"))
+    prompt = adapt_prompt(convert(workflow, server.get("/object_info")), size=64, steps=3, seed=11)
+    for entry in prompt.values():
+        entry.update(loaders.get(entry["class_type"], {}))
+        if entry["class_type"] == "VAELoader":
+            entry["inputs"]["vae_name"] = VAE16_FILE
+        if entry["class_type"] == "AStarApply":
+            entry["inputs"].update(apply_inputs)
+    return prompt, host.run(prompt)
+
+
+def check_example_outputs(prompt, out, layers):
+    """The decoded image at 64 px, and the overlay's report: 3 steps, 2 of them guided (the window
+    0 to 0.5), maps from the expected blocks."""
+    ids = {e["class_type"]: nid for nid, e in prompt.items()}
+    assert tuple(out[ids["VAEDecode"]][0].shape) == (1, 64, 64, 3)
+    report = out[ids["AStarAttentionOverlay"]][5]
+    assert "3 steps (2 guided)" in report and f"from {layers} recorded layers" in report, report[:400]
+
+
+class BlockCounter:
+    """A test override under the pack's hook: notes the block of every joint call and whether autograd
+    was on (the guidance pass) or off (the sampler's own pass, in inference mode)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __deepcopy__(self, memo):  # ModelPatcher.clone deep-copies model_options: stay this one object
+        return self
+
+    def __call__(self, func, *args, **kwargs):
+        options = kwargs["transformer_options"]
+        self.calls.append((options.get("block_type"), options.get("block_index"), torch.is_grad_enabled()))
+        return func(*args, **kwargs)
+
+
+def one_iteration(**overrides):
+    """Guidance settings for 'one update lowers the loss': the first step guided, refinement capped at
+    one iteration, so the step's trace is the loss before and after one update at the same sigma."""
+    return dict(dict(refine="on", refine_thresholds="0:1.0", max_refine_iters=1), **overrides)
+
+
+def check_lowered(rec, batch, label):
+    trace = rec.steps[0].trace
+    assert trace.shape == (2, batch), trace
+    assert torch.isfinite(trace).all() and (trace[1] < trace[0]).all(), f"{label}: loss before/after {trace.tolist()}"
 
 
 class GraphQKCapture(QKCapture):
@@ -286,10 +391,10 @@ class TestSD35:
 
     def test_maps_are_differentiable_to_the_latent(self, sd35):
         """A guidance-style pass outside the sampler: latent with grad -> model with the hook and a
-        JointCapture sink -> concept maps -> loss; the gradient on the latent equals the one from an
+        GuidanceCapture sink -> concept maps -> loss; the gradient on the latent equals the one from an
         explicit softmax of the same pass's q and k. A complete sink stops the forward (StopForward)."""
-        ja, joint, jt, tokens, capture_mod = (hosts.pack_module(m) for m in (
-            "nodes.joint_attention", "attention.joint", "nodes.joint_tokens", "attention.tokens", "attention.capture"))
+        ja, jt, tokens, capture_mod = (hosts.pack_module(m) for m in (
+            "nodes.joint_attention", "nodes.joint_tokens", "attention.tokens", "attention.capture"))
         clip = sd35["sd35_clip"]
         with torch.inference_mode(False):
             tokens_ = clip.tokenize(PROMPT)
@@ -300,9 +405,9 @@ class TestSD35:
             qk = GraphQKCapture(n_txt=154, n_blocks=3)
             patcher.model_options.setdefault("transformer_options", {})[ja.OVERRIDE_KEY] = qk
             ja.add_joint_attention_hook(patcher, "joint:0, joint:2")
-            sink = joint.JointCapture(n_tokens=layout.n_tokens)
+            sink = capture_mod.GuidanceCapture(level=None, n_tokens=layout.n_tokens, excluded=layout.excluded)
             options = {**patcher.model_options["transformer_options"], "wrappers": patcher.wrappers,
-                       ja.SINKS_KEY: [sink], "cond_or_uncond": [0]}
+                       ja.CAPTURES_KEY: [sink], "cond_or_uncond": [0]}
             x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0)).requires_grad_()
             weights = torch.tensor([1.0, -2.0]).view(1, 2, 1, 1)
 
@@ -311,23 +416,122 @@ class TestSD35:
                                                  y=cond[0][1]["pooled_output"], transformer_options=options)
             forward()
             assert sink.keys == [("joint", 0), ("joint", 2)]
-            loss = (sink.concept_maps(layout.groups, layout.excluded) * weights).sum()
+            loss = (sink.concept_maps(layout.groups) * weights).sum()
             grad = torch.autograd.grad(loss, x, retain_graph=True)[0]
 
-            reference = joint.JointCapture(n_tokens=layout.n_tokens)
+            reference = capture_mod.GuidanceCapture(level=None, n_tokens=layout.n_tokens, excluded=layout.excluded)
             for key, q, k, _ in qk.calls:
                 if key in sink.keys:
                     reference.record(key, explicit_text_probs(q, k, 154).float(), GRID, None)
-            ref_loss = (reference.concept_maps(layout.groups, layout.excluded) * weights).sum()
+            ref_loss = (reference.concept_maps(layout.groups) * weights).sum()
             ref_grad = torch.autograd.grad(ref_loss, x)[0]
             torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-6)
             assert grad.abs().max() > 0
             torch.testing.assert_close(grad, ref_grad, rtol=1e-3, atol=1e-3 * ref_grad.abs().max().item())
 
-            class Complete(joint.JointCapture):
-                complete = True
-            done = Complete()
-            options[ja.SINKS_KEY] = [done]
+            done = capture_mod.GuidanceCapture(level=None, stop_after=(("joint", 0),), n_tokens=layout.n_tokens)
+            options[ja.CAPTURES_KEY] = [done]
             with torch.no_grad(), pytest.raises(capture_mod.StopForward):
                 forward()
             assert done.keys == [("joint", 0)]  # stopped right after the first recorded block
+
+    def test_guided_run_equals_a_reference_loop(self, host, sd35):
+        """A-STAR Apply + KSampler (euler, cfg 3, cond and uncond in one batch) equals a loop written here:
+        at each guided step the flow-matching latent x (the model's input: c_in = 1) moves by
+        -alpha_i * grad_x L, L computed from maps made here from the q and k of the same forward (softmax
+        over all keys, image rows, text columns, mean over heads and blocks, A&E's token softmax over the
+        prompt's tokens, a concept's CLIP and T5 positions summed); the sampler continues from it. With
+        step size 0 the run is the stock KSampler's, bit for bit."""
+        import comfy.model_management
+        import comfy.sample
+        import comfy.samplers
+        guidance, losses, maps_mod = (hosts.pack_module(m) for m in ("attention.guidance", "attention.losses",
+                                                                       "attention.maps"))
+        steps, guided, step_size, blocks = 3, 2, SD35_STEP_SIZE, "joint:0-1"
+        stock = sampled(host, graph("sd3", steps=steps))
+        zero, rec0 = guided_run(host, guided_graph("sd3", steps=steps, guided_steps=guided, joint_blocks=blocks,
+                                                   step_size=0.0))
+        assert torch.equal(stock, zero)
+        assert rec0.layers == [("joint", 0), ("joint", 1)] and rec0.maps().shape == (steps, 2, 1, 2) + GRID
+        latent, rec = guided_run(host, guided_graph("sd3", steps=steps, guided_steps=guided, joint_blocks=blocks,
+                                                    step_size=step_size))
+        assert [s.iterations for s in rec.steps] == [1] * guided + [0] * (steps - guided)
+
+        (cat, end), (frog, _) = t5_positions(PROMPT, "cat"), t5_positions(PROMPT, "frog")
+        groups = [[2] + [77 + p for p in cat], [5] + [77 + p for p in frog]]  # CLIP position + T5 positions
+        keep = [i for i in range(154) if 1 <= i <= 5 or 77 <= i < 77 + end]  # the prompt's tokens, no start/end/pad
+        calls = []
+
+        def record(func, *args, **kwargs):
+            heads = args[3] if len(args) > 3 else kwargs["heads"]
+            q, k = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in args[:2])
+            if q.shape[2] == 154 + GRID[0] * GRID[1]:  # joint calls (not block 0-1's image-only attention)
+                calls.append((q, k))
+            return func(*args, **kwargs)
+
+        patcher, clip = sd35["sd35"], sd35["sd35_clip"]
+        with torch.inference_mode(False):
+            comfy.model_management.load_models_gpu([patcher])
+            base = patcher.model
+
+            def encode(text):
+                (c, extra), = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+                return c, extra["pooled_output"]
+
+            (cond, pooled), (uncond, upooled) = encode(PROMPT), encode("blurry")
+
+            def maps_of(x, s):
+                calls.clear()
+                base.apply_model(x, s, c_crossattn=cond, y=pooled, transformer_options={"optimized_attention_override": record})
+                probs = torch.stack([explicit_text_probs(q, k, 154) for q, k in calls[:2]]).mean(0).float()
+                soft = torch.softmax(100 * probs[..., keep], -1)
+                return torch.stack([soft[..., [keep.index(p) for p in g]].sum(-1) for g in groups], 1).reshape(1, 2, *GRID)
+
+            ms = base.model_sampling
+            sigmas = comfy.samplers.calculate_sigmas(ms, "simple", steps)
+            empty = torch.zeros(1, 16, 8, 8)
+            x = ms.noise_scaling(sigmas[0], comfy.sample.prepare_noise(empty, 3), empty)
+            config = guidance.GuidanceConfig(mode="astar", scale=step_size)
+            alphas = [step_size * math.sqrt(a) for a in torch.linspace(1.0, 0.5, steps).tolist()]
+            masks, ref_losses = None, []
+            for i in range(steps):
+                s = sigmas[i].reshape(1)
+                if i < guided:
+                    z = x.detach().requires_grad_(True)
+                    with torch.enable_grad():
+                        maps = maps_of(z, s)
+                        total = guidance.guidance_losses(maps, masks, config)["total"]
+                        (grad,) = torch.autograd.grad(total.sum(), z)
+                    ref_losses.append(float(total.detach()))
+                    masks = losses.binarize(maps_mod.gaussian_smooth(maps.detach()), "fraction", 0.5)
+                    x = (z - alphas[i] * grad).detach()  # c_in = 1: the update is on the model's input
+                with torch.no_grad():
+                    den_c = base.apply_model(x, s, c_crossattn=cond, y=pooled)
+                    den_u = base.apply_model(x, s, c_crossattn=uncond, y=upooled)
+                    x = x + (x - (den_u + 3.0 * (den_c - den_u))) / s * (sigmas[i + 1] - s)  # euler
+            expected = base.process_latent_out(x)
+        got = [float(r.losses["total"]) for r in rec.steps[:guided]]
+        assert got == pytest.approx(ref_losses, rel=1e-4, abs=1e-5)
+        torch.testing.assert_close(latent, expected, rtol=1e-3, atol=1e-3)
+        moved = float((latent - stock).abs().max())
+        assert moved > 5e-2, moved  # the updates are far larger than the tolerance
+
+    def test_one_update_lowers_the_loss_for_a_batch(self, host, sd35):
+        for mode in ("astar", "attend_excite"):
+            _, rec = guided_run(host, guided_graph("sd3", steps=2, guided_steps=1, batch=2, joint_blocks="joint:all",
+                                                   mode=mode, step_size=2.0, **one_iteration()))
+            check_lowered(rec, 2, f"sd3.5 {mode}")
+
+    def test_bad_blocks_are_refused_before_sampling(self, host, sd35):
+        with pytest.raises(Exception, match="select no block of this model, which has 3 joint blocks"):
+            host.run(guided_graph("sd3", steps=2, guided_steps=1))  # the default joint:4-16 on a 3-block model
+        with pytest.raises(Exception, match="'triple:0' is not understood"):
+            host.run(guided_graph("sd3", steps=2, guided_steps=1, joint_blocks="triple:0"))
+
+    def test_example_runs_headless(self, host, server, sd35):
+        # the default joint:4-16 needs 5+ blocks; the test model has 3
+        prompt, out = run_example(host, server, "astar_sd35", {
+            "UNETLoader": {"class_type": "AStarTestModel", "inputs": {"name": "sd35"}},
+            "TripleCLIPLoader": {"class_type": "AStarTestClip", "inputs": {"name": "sd35_clip"}}},
+            joint_blocks="joint:all")
+        check_example_outputs(prompt, out, layers=3)

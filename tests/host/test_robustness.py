@@ -116,6 +116,12 @@ def test_concept_not_in_prompt_names_it_and_lists_the_tokens(host, mini_ckpt):
     assert "'cat' is not in the prompt" in str(err) and "the prompt is empty" in str(err), str(err)
 
 
+def test_joint_blocks_on_a_unet_model_is_refused(host, mini_ckpt):
+    err = run_error(host, graph(mini_ckpt, joint_blocks="double:all"))
+    assert err.details.get("node_id") == "sampler", err.details
+    assert "joint_blocks ('double:all') is for Flux.1 and SD3.5 models" in str(err), str(err)
+
+
 def test_positive_not_from_astar_text_encode(host, mini_ckpt):
     g = graph(mini_ckpt)
     g["pos"]["class_type"] = "CLIPTextEncode"
@@ -362,22 +368,22 @@ def test_inpainting_with_a_noise_mask(host, mini_ckpt):
 
 
 # ------------------------------------------------------------------------------------------------
-# models without UNet cross-attention
+# models whose text attention A-STAR cannot read
 # ------------------------------------------------------------------------------------------------
 
-def _tiny_sd3():
+def _tiny_auraflow():
+    """A model that is neither a UNet nor Flux/SD3 (AuraFlow's MMDiT, another class than SD3's)."""
     import comfy.model_patcher
     import comfy.supported_models
-    config = comfy.supported_models.SD3({
-        "in_channels": 16, "pos_embed_scaling_factor": None, "patch_size": 2, "depth": 1, "num_patches": 64,
-        "pos_embed_max_size": 8, "adm_in_channels": 32,
-        "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 32, "out_features": 64}}})
+    config = comfy.supported_models.AuraFlow({
+        "cond_seq_dim": 32, "dim": 64, "n_layers": 1, "n_double_layers": 1, "n_heads": 2, "max_seq": 64,
+        "patch_size": 2, "in_channels": 4, "out_channels": 4})
     model = config.get_model({})
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
 
 
 @pytest.mark.parametrize("node", ["AStarKSampler", "AStarApply", "AStarAttentionRecorder"])
-def test_model_without_unet_cross_attention_is_refused_before_sampling(host, mini_ckpt, node, monkeypatch):
+def test_model_without_readable_text_attention_is_refused_before_sampling(host, mini_ckpt, node, monkeypatch):
     import comfy.sample
     import comfy.samplers
     import nodes as comfy_nodes
@@ -385,9 +391,9 @@ def test_model_without_unet_cross_attention_is_refused_before_sampling(host, min
     monkeypatch.setattr(comfy.sample, "sample", lambda *a, **k: sampled.append("sample"))
     monkeypatch.setattr(comfy_nodes, "common_ksampler", lambda *a, **k: sampled.append("common_ksampler"))
     monkeypatch.setattr(comfy.samplers.KSAMPLER, "sample", lambda *a, **k: sampled.append("KSAMPLER"))
-    model = _tiny_sd3()
-    assert type(model.model.diffusion_model).__name__ != "UNetModel"
-    # an SD3 pipeline has no A-STAR Text Encode prompt: the model's type must be the error, not the prompt
+    model = _tiny_auraflow()
+    assert type(model.model.diffusion_model).__name__ == "MMDiT"  # AuraFlow's own class, not SD3's
+    # such a pipeline has no A-STAR Text Encode prompt: the model's type must be the error, not the prompt
     positive = [[torch.zeros(1, 77, 32), {"pooled_output": torch.zeros(1, 32)}]]
     common = {"concepts": "cat, frog", "attention_resolution": "1/16"}
     guidance = {"mode": "astar", "guidance_start": 0.0, "guidance_end": 0.5, "step_size": 20.0,
@@ -404,7 +410,7 @@ def test_model_without_unet_cross_attention_is_refused_before_sampling(host, min
         else:
             cls.execute(model=model, **common)
     msg = str(info.value)
-    assert "SD3" in msg and "cross-attention" in msg and ("SD1" in msg or "SDXL" in msg), msg
+    assert "AuraFlow" in msg and "which has neither" in msg and "SDXL" in msg and "Flux.1" in msg, msg
     assert not sampled
     assert "astar_guidance" not in str(model.wrappers) and not model.model_options.get("transformer_options")
 

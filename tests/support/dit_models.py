@@ -15,6 +15,8 @@ bytes for the same seed), saved once as fp16 safetensors in the test-model cache
   ``load_sd35_model`` loads it as ComfyUI's loader does (model_detection, dtype choice, get_model,
   load_model_weights, ModelPatcher) with ``num_blocks`` set to the counted blocks. The position
   embedding is cut to 64x64 patches (Medium: 384x384), enough for 1024 px, to save 0.4 GB.
+* ``build_vae16``: a random KL VAE with 16 latent channels (the Flux.1 / SD3 VAE layout), for the
+  example workflows' VAE Decode.
 * ``flux_clip`` / ``sd35_clip``: comfy.sd.CLIP objects with ComfyUI's real tokenizers (CLIP BPE,
   T5 sentencepiece) and small random encoders of the exact output widths: CLIP-L (768) and CLIP-G
   (1280) with 3 layers (SD3 reads the penultimate), T5 with d_model 4096 and 1 layer (4 heads, d_ff 512): ComfyUI's T5 loader
@@ -107,6 +109,20 @@ def build_sd35_checkpoint(path, blocks: int = 3, self_attn_blocks=(0, 1), seed: 
     import comfy.supported_models
     net = _random_model(_sd35_config(blocks, self_attn_blocks), comfy.supported_models.SD3, seed, "sd35")
     return M._atomic_save(net.state_dict(), path)
+
+
+def build_vae16(path, seed: int = 0) -> Path:
+    """Write (or reuse) a random KL VAE with 16 latent channels, the layout of the Flux.1 and SD3 VAEs
+    (ComfyUI's VAE loader reads the channels from decoder.conv_in), fp16."""
+    path = Path(path)
+    if path.exists():
+        return path
+    M._ensure_comfy()
+    import comfy.ldm.models.autoencoder
+    vae = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=dict(M._SD_VAE_DDCONFIG, z_channels=16), embed_dim=16)
+    vae = vae.to(torch.float16)
+    M._fill_random_(vae, seed, "vae16")
+    return M._atomic_save(vae.state_dict(), path)
 
 
 def detected(sd: dict):

@@ -29,7 +29,7 @@ def register(nodes_module, objects: dict, hook_module) -> list[str]:
 
     class TestJointHook:
         """Clone the model; put objects[capture] (a test override) in its transformer_options; install
-        the pack's hook with `blocks` ("" = the defaults); put objects[sink] in SINKS_KEY."""
+        the pack's hook with `blocks` ("" = the defaults); put objects[sink] in CAPTURES_KEY."""
         CATEGORY = "astar_tests"
         FUNCTION = "apply"
         RETURN_TYPES = ("MODEL",)
@@ -48,7 +48,7 @@ def register(nodes_module, objects: dict, hook_module) -> list[str]:
             for _ in range(installs):
                 hook_module.add_joint_attention_hook(m, blocks or None)
             if sink:
-                options[hook_module.SINKS_KEY] = [objects[sink]]
+                options[hook_module.CAPTURES_KEY] = [objects[sink]]
             return (m,)
 
     added = {"AStarTestModel": TestModel, "AStarTestClip": TestClip, "AStarTestJointHook": TestJointHook}

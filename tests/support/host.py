@@ -30,7 +30,7 @@ def comfy_root() -> Path:
 
 def models_dir() -> Path:
     d = Path(os.environ.get("ASTAR_TEST_MODELS", DEFAULT_HOME / "test-models"))
-    for sub in ("checkpoints", "loras", "controlnet", "embeddings"):
+    for sub in ("checkpoints", "loras", "controlnet", "embeddings", "vae", "dit"):
         (d / sub).mkdir(parents=True, exist_ok=True)
     return d
 
@@ -55,7 +55,8 @@ def extra_paths_yaml(work: Path) -> Path:
         f"  loras: {m / 'loras'}\n"
         f"  controlnet: {m / 'controlnet'}\n"
         f"  diffusion_models: {m / 'checkpoints'}\n"  # UNETLoader reads a checkpoint's UNet (fp8 tests)
-        f"  embeddings: {m / 'embeddings'}\n")
+        f"  embeddings: {m / 'embeddings'}\n"
+        f"  vae: {m / 'vae'}\n")
     return y
 
 

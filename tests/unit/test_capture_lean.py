@@ -60,7 +60,7 @@ def test_a_capture_without_stop_after_never_completes():
     c = GuidanceCapture(level=2)
     c.record(("input", 7, 0), torch.zeros(1, 4, 77), (2, 2), None)
     assert not c.complete
-    with pytest.raises(ValueError, match="differ in size"):
+    with pytest.raises(ValueError, match="differ in map size"):
         c.record(("input", 4, 0), torch.zeros(1, 16, 77), (4, 4), None)
 
 

@@ -144,21 +144,21 @@ def test_bad_input_is_named(call, message):
         call(q, k)
 
 
-def test_joint_capture_maps_and_errors():
-    from attention.joint import JointCapture
+def test_guidance_capture_of_joint_blocks_maps_and_errors():
+    """The guidance pass's collector on joint-block records: mean over blocks of the folded
+    probabilities (a context repeated to a longer cond's length), token softmax over the kept tokens."""
+    from attention.capture import GuidanceCapture
     gen = torch.Generator().manual_seed(9)
     probs = [torch.rand(1, 6, 8, generator=gen) / 8 for _ in range(2)]  # 2 blocks, 2x3 grid, 8 tokens
-    cap = JointCapture(n_tokens=4)  # the context is a prompt of 4 tokens repeated twice
+    cap = GuidanceCapture(level=None, n_tokens=4, excluded=(0, 3))  # a prompt of 4 tokens repeated twice
     for i, p in enumerate(probs):
         cap.record(("double", i), p, (2, 3), 0)
-    groups, excluded = [[1], [2]], [0, 3]
-    maps = cap.concept_maps(groups, excluded, smoothing=False)
+    maps = cap.concept_maps([[1], [2]])
     folded = (probs[0][..., :4] + probs[0][..., 4:] + probs[1][..., :4] + probs[1][..., 4:]) / 2
     soft = torch.softmax(100 * folded[..., 1:3], -1)  # tokens 1 and 2 kept
     torch.testing.assert_close(maps, soft.transpose(1, 2).reshape(1, 2, 2, 3))
-    assert cap.keys == [("double", 0), ("double", 1)] and cap.steps == [0, 0]
-    assert not torch.equal(cap.concept_maps(groups, excluded), maps)  # smoothing on by default
-    with pytest.raises(ValueError, match="differ in grid size"):
+    assert cap.keys == [("double", 0), ("double", 1)]
+    with pytest.raises(ValueError, match="differ in map size"):
         cap.record(("single", 0), probs[0], (3, 2), 0)
-    with pytest.raises(LookupError, match="no joint-attention block"):
-        JointCapture().concept_maps(groups, excluded)
+    with pytest.raises(LookupError, match="no selected attention layer or block ran"):
+        GuidanceCapture(level=None).concept_maps([[1], [2]])
