@@ -4,8 +4,9 @@ The guidance updates the latent a sampler holds at the start of a step, in place
 model evaluation at that latent (the "state evaluation"); the sampler then integrates the step from
 the updated latent with its own history and noise. Samplers differ only in how the state
 evaluation is recognised among their model calls:
-- by sigma (most): the first call at sigma_i after step i-1's; the extra calls of second-order and
-  SDE samplers (dpm_2, dpmpp_sde, seeds, ...) fall at intermediate sigmas;
+- by sigma (most): the first call at sigma_i after step i-1's (step 0: the run's first call); the
+  extra calls of second-order and SDE samplers (dpm_2, dpmpp_sde, seeds, ...) fall at intermediate
+  sigmas;
 - by count (heun, heunpp2, dpm_2_ancestral, dpmpp_2s_ancestral): their extra calls fall on the next
   schedule sigma (Heun's corrector; the ancestral midpoint sqrt(sigma_i * sigma_down) is sigma_i+1
   itself when eta = 1), so step i begins at a call number known from the schedule;
@@ -104,7 +105,9 @@ class StepTracker:
             step = self.next_step
             self.next_step += 1
             return step
-        if self.next_step < self.n_steps and sigma == self.sigmas[self.next_step]:
+        # The first call evaluates the initial latent, whatever its sigma: samplers working in log-SNR
+        # move a flow model's sigma 1 to 0.9999 (offset_first_sigma_for_snr).
+        if self.next_step < self.n_steps and (call == 0 or sigma == self.sigmas[self.next_step]):
             step = self.next_step
             self.next_step += 1
             return step

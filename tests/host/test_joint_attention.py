@@ -522,11 +522,53 @@ class TestSD35:
                                                    mode=mode, step_size=2.0, **one_iteration()))
             check_lowered(rec, 2, f"sd3.5 {mode}")
 
-    def test_bad_blocks_are_refused_before_sampling(self, host, sd35):
-        with pytest.raises(Exception, match="select no block of this model, which has 3 joint blocks"):
+    @pytest.mark.parametrize("sampler_name", ["dpmpp_2m", "euler_ancestral", "heun", "dpmpp_sde", "dpmpp_2m_sde"])
+    def test_step_size_zero_is_the_stock_sampler_for_other_samplers(self, host, sd35, sampler_name):
+        """The sampler mechanism on a flow model: history (dpmpp_2m), the run's one noise sampler
+        (euler_ancestral, the SDE samplers) and second-order calls (heun) are the sampler's own; every
+        step is found, also where a log-SNR sampler moves sigma 1 to 0.9999 for its first call."""
+        stock_graph = graph("sd3", steps=3)
+        guided = guided_graph("sd3", steps=3, guided_steps=2, joint_blocks="joint:all", step_size=0.0)
+        for g in (stock_graph, guided):
+            g["sampler"]["inputs"]["sampler_name"] = sampler_name
+        stock = sampled(host, stock_graph)
+        latent, rec = guided_run(host, guided)
+        assert torch.equal(stock, latent)
+        assert [s.step for s in rec.steps] == [0, 1, 2]
+
+    def test_layout_masks_reach_the_retention_loss_on_the_token_grid(self, host, sd35):
+        """Mask n is where concept n should be; it replaces that concept's retention mask from the first
+        guided step, resized to the 4x4 image-token grid (a 64 px image: 64x64 masks)."""
+        masks = torch.zeros(2, 64, 64)
+        masks[0, :, :32], masks[1, :, 32:] = 1.0, 1.0
+        sd35["layout"] = masks
+        settings = dict(steps=2, guided_steps=1, joint_blocks="joint:all", step_size=2.0)
+        _, free = guided_run(host, guided_graph("sd3", **settings))
+        g = guided_graph("sd3", **settings)
+        g["mask"] = {"class_type": "AStarTestMask", "inputs": {"name": "layout"}}
+        g["apply"]["inputs"]["layout_masks"] = ["mask", 0]
+        _, placed = guided_run(host, g)
+        assert float(free.steps[0].losses["retention"].sum()) == 0.0  # no previous step: nothing to retain
+        assert float(placed.steps[0].losses["retention"].sum()) > 0.0
+
+    def test_bad_settings_are_refused_before_sampling(self, host, sd35, monkeypatch):
+        import comfy.samplers
+        stepped = []
+        real_sample = comfy.samplers.KSAMPLER.sample
+        monkeypatch.setattr(comfy.samplers.KSAMPLER, "sample", lambda *a, **k: stepped.append(1) or real_sample(*a, **k))
+        with pytest.raises(hosts.GraphError, match="select no block of this model, which has 3 joint blocks"):
             host.run(guided_graph("sd3", steps=2, guided_steps=1))  # the default joint:4-16 on a 3-block model
-        with pytest.raises(Exception, match="'triple:0' is not understood"):
+        with pytest.raises(hosts.GraphError, match="'triple:0' is not understood"):
             host.run(guided_graph("sd3", steps=2, guided_steps=1, joint_blocks="triple:0"))
+        assert not stepped
+        # a concatenated prompt: its context (308 tokens) is not the A-STAR prompt's (154); refused at the
+        # start of the run, before the sampler's first step
+        g = guided_graph("sd3", steps=2, guided_steps=1, joint_blocks="joint:all")
+        g["concat"] = {"class_type": "ConditioningConcat", "inputs": {"conditioning_to": ["pos", 0],
+                                                                      "conditioning_from": ["neg", 0]}}
+        g["sampler"]["inputs"]["positive"] = ["concat", 0]
+        with pytest.raises(hosts.GraphError, match="has 308 text tokens, but the A-STAR prompt's context has 154"):
+            host.run(g)
 
     def test_example_runs_headless(self, host, server, sd35):
         # the default joint:4-16 needs 5+ blocks; the test model has 3

@@ -1,7 +1,7 @@
 """Test-only ComfyUI nodes for the joint-attention tests, registered in the test process only.
 
 They hand in-memory objects to API-format graphs (the small text encoders, the few-block SD3.5
-model) and install the pack's joint-attention hook on a model clone, optionally after a test override
+model, masks) and install the pack's joint-attention hook on a model clone, optionally after a test override
 and with a sink, so the graphs run through execution.PromptExecutor like any other."""
 from __future__ import annotations
 
@@ -27,6 +27,9 @@ def register(nodes_module, objects: dict, hook_module) -> list[str]:
     class TestClip(TestObject):
         RETURN_TYPES = ("CLIP",)
 
+    class TestMask(TestObject):
+        RETURN_TYPES = ("MASK",)
+
     class TestJointHook:
         """Clone the model; put objects[capture] (a test override) in its transformer_options; install
         the pack's hook with `blocks` ("" = the defaults); put objects[sink] in CAPTURES_KEY."""
@@ -51,7 +54,8 @@ def register(nodes_module, objects: dict, hook_module) -> list[str]:
                 options[hook_module.CAPTURES_KEY] = [objects[sink]]
             return (m,)
 
-    added = {"AStarTestModel": TestModel, "AStarTestClip": TestClip, "AStarTestJointHook": TestJointHook}
+    added = {"AStarTestModel": TestModel, "AStarTestClip": TestClip, "AStarTestMask": TestMask,
+             "AStarTestJointHook": TestJointHook}
     nodes_module.NODE_CLASS_MAPPINGS.update(added)
     return list(added)
 
