@@ -570,6 +570,57 @@ class TestSD35:
         with pytest.raises(hosts.GraphError, match="has 308 text tokens, but the A-STAR prompt's context has 154"):
             host.run(g)
 
+    def test_a_lora_reaches_the_guidance_pass(self, host, sd35, tmp_path):
+        """LoraLoaderModelOnly before A-STAR Apply: the guidance pass's losses and the guided latent equal
+        those of a model whose file has the LoRA merged into its weights here (W + strength * alpha / rank
+        * up @ down on every joint-attention projection), and differ from the base model's; the base model
+        guided again afterwards gives its first result bit for bit (no LoRA weight stays behind)."""
+        import safetensors.torch
+        base_path = hosts.models_dir() / "dit" / "astar-test-sd35m-b3.safetensors"
+        lora_name, strength = "astar-test-sd35m-b3-lora.safetensors", 0.8
+        lora_path = D.build_joint_attention_lora(hosts.models_dir() / "loras" / lora_name, base_path, scale=2.0)
+        lora = safetensors.torch.load_file(str(lora_path))
+        merged, n_merged = {}, 0
+        for key, w in safetensors.torch.load_file(str(base_path)).items():
+            name = "lora_unet_" + key.removesuffix(".weight").replace(".", "_")
+            if key.endswith(".weight") and f"{name}.lora_up.weight" in lora:
+                up, down = lora[f"{name}.lora_up.weight"].float(), lora[f"{name}.lora_down.weight"].float()
+                # kept in float32: the loader casts it to the dtype the model runs in, as the LoRA patch does
+                w = w.float() + strength * float(lora[f"{name}.alpha"]) / up.shape[1] * (up @ down)
+                n_merged += 1
+            merged[key] = w
+        assert n_merged == 3 * 2 * 2 - 1  # qkv and proj of both streams; the last context block has no proj
+        safetensors.torch.save_file(merged, str(tmp_path / "merged.safetensors"))
+        sd35["sd35_merged"] = D.load_sd35_model(tmp_path / "merged.safetensors")
+
+        settings = dict(steps=3, guided_steps=2, joint_blocks="joint:all", step_size=SD35_STEP_SIZE)
+
+        def with_lora(g):
+            g["lora"] = {"class_type": "LoraLoaderModelOnly",
+                         "inputs": {"model": ["model", 0], "lora_name": lora_name, "strength_model": strength}}
+            g["apply" if "apply" in g else "sampler"]["inputs"]["model"] = ["lora", 0]
+            return g
+
+        def losses(rec):
+            return torch.stack([s.losses["total"] for s in rec.steps[:2]])
+
+        try:
+            base, base_rec = guided_run(host, guided_graph("sd3", **settings))
+            lora_stock = sampled(host, with_lora(graph("sd3", steps=3)))
+            lora_guided, lora_rec = guided_run(host, with_lora(guided_graph("sd3", **settings)))
+            g = guided_graph("sd3", **settings)
+            g["model"]["inputs"]["name"] = "sd35_merged"
+            merged_guided, merged_rec = guided_run(host, g)
+            again = host.run(guided_graph("sd3", **settings), fresh=True)["sampler"][0]["samples"]
+        finally:
+            _release(host, sd35, ["sd35_merged"])
+        torch.testing.assert_close(losses(lora_rec), losses(merged_rec), rtol=1e-4, atol=1e-6)
+        # the LoRA moves the losses 20x further than that tolerance (random attention: its maps are flat)
+        assert ((losses(lora_rec) - losses(base_rec)).abs() > 2e-3 * losses(base_rec).abs()).all()
+        torch.testing.assert_close(lora_guided, merged_guided, rtol=1e-3, atol=1e-3)
+        assert float((lora_guided - lora_stock).abs().max()) > 5e-2  # the updates dwarf the tolerance
+        assert torch.equal(again, base)
+
     def test_example_runs_headless(self, host, server, sd35):
         # the default joint:4-16 needs 5+ blocks; the test model has 3
         prompt, out = run_example(host, server, "astar_sd35", {

@@ -15,6 +15,7 @@ bytes for the same seed), saved once as fp16 safetensors in the test-model cache
   ``load_sd35_model`` loads it as ComfyUI's loader does (model_detection, dtype choice, get_model,
   load_model_weights, ModelPatcher) with ``num_blocks`` set to the counted blocks. The position
   embedding is cut to 64x64 patches (Medium: 384x384), enough for 1024 px, to save 0.4 GB.
+* ``build_joint_attention_lora``: a random LoRA on the joint-attention projections of such a file.
 * ``build_vae16``: a random KL VAE with 16 latent channels (the Flux.1 / SD3 VAE layout), for the
   example workflows' VAE Decode.
 * ``flux_clip`` / ``sd35_clip``: comfy.sd.CLIP objects with ComfyUI's real tokenizers (CLIP BPE,
@@ -109,6 +110,30 @@ def build_sd35_checkpoint(path, blocks: int = 3, self_attn_blocks=(0, 1), seed: 
     import comfy.supported_models
     net = _random_model(_sd35_config(blocks, self_attn_blocks), comfy.supported_models.SD3, seed, "sd35")
     return M._atomic_save(net.state_dict(), path)
+
+
+def build_joint_attention_lora(path, model_path, rank: int = 4, scale: float = 0.5, seed: int = 0) -> Path:
+    """Write (or reuse) a random LoRA for the joint-attention projections (every ``attn.qkv`` and
+    ``attn.proj`` of both streams) of the diffusion model in ``model_path``, in the generic key format
+    ComfyUI maps for any model ("lora_unet_<key with _>"): lora_down [rank, in], lora_up [out, rank],
+    alpha = rank; the delta has about ``scale`` times the base weights' scale. fp16 safetensors."""
+    import math
+    from safetensors import safe_open
+    path = Path(path)
+    if path.exists():
+        return path
+    sd = {}
+    with safe_open(str(model_path), framework="pt") as f:
+        targets = [(k, f.get_slice(k).get_shape()) for k in sorted(f.keys())
+                   if k.endswith((".attn.qkv.weight", ".attn.proj.weight"))]
+    for key, (out_f, in_f) in targets:
+        name = "lora_unet_" + key[: -len(".weight")].replace(".", "_")
+        gen = torch.Generator().manual_seed(M._tensor_seed(seed, "lora/" + name))
+        down = torch.empty(rank, in_f).normal_(0.0, 1.0 / math.sqrt(in_f), generator=gen)
+        up = torch.empty(out_f, rank).normal_(0.0, scale / math.sqrt(rank), generator=gen)
+        sd[f"{name}.lora_down.weight"], sd[f"{name}.lora_up.weight"] = down.half(), up.half()
+        sd[f"{name}.alpha"] = torch.tensor(float(rank), dtype=torch.float16)
+    return M._atomic_save(sd, path)
 
 
 def build_vae16(path, seed: int = 0) -> Path:
