@@ -86,6 +86,16 @@ def guidance_inputs():
                                 "1 - mean pairwise overlap >= threshold."),
         io.Int.Input("max_refine_iters", default=20, min=1, max=200, tooltip="Cap on refinement iterations per point."),
         joint_blocks_input(),
+        # optional: API-format prompts saved before this input existed stay valid
+        io.Boolean.Input("single_pass", default=False, optional=True,
+                         tooltip="Off (default): each guided step runs a guidance pass (the prompt's branch, "
+                                 "stopped after the last read layer) for the gradient, then the sampler's model call "
+                                 "on the updated latent, as A-STAR and A&E do. On: the sampler's own model call, run "
+                                 "with gradients, gives the maps and the gradient, so a guided step costs a backward "
+                                 "pass instead of a forward and a backward; but the sampler's prediction at a guided "
+                                 "step is then the one from the latent before the update. Pays off where one call "
+                                 "evaluates the prompt alone (Flux, cfg 1); keeps every activation of the call for "
+                                 "the backward (more memory)."),
         io.Mask.Input("layout_masks", optional=True,
                       tooltip="Optional user layout (paper Fig. 12): mask n is where concept n should be; it "
                               "replaces that concept's retention mask at every guided step. An all-zero mask "
@@ -97,7 +107,7 @@ def build_guidance(model, concepts, attention_resolution, positive=None, mode="a
                    guidance_end=0.0, step_size=20.0, segregation_weight=1.0, retention_weight=1.0,
                    binarization="fraction", mask_fraction=0.5, smoothing=True, refine="auto",
                    refine_thresholds=AE_THRESHOLDS_TEXT, max_refine_iters=20, layout_masks=None, joint_blocks="",
-                   **kwargs):
+                   single_pass=False, **kwargs):
     """A patched clone of `model` and the list its sampler runs will append their recordings to.
     Validates everything it can before any sampling."""
     # The model first: with a video model the prompt comes from another encoder, and the model's type
@@ -137,5 +147,6 @@ def build_guidance(model, concepts, attention_resolution, positive=None, mode="a
         add_joint_attention_hook(patched, joint_blocks.strip() or None)
         reader = {"patch_size": int(patched.model.diffusion_model.patch_size)}
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY,
-                                 AStarSampling(specs, config, runs, family=family, layout_masks=layout_masks, **reader))
+                                 AStarSampling(specs, config, runs, family=family, layout_masks=layout_masks,
+                                               single_pass=single_pass, **reader))
     return patched, runs

@@ -10,6 +10,7 @@ wrapped function down the rest of ComfyUI's wrapper chain.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -28,7 +29,7 @@ from ..attention.saved_tensors import saved_tensor_policy
 from ..attention.schedule import in_window, refinement_threshold, schedule_position, step_size_at
 from ..attention.tokens import ConceptSpec
 from .attention_patch import CAPTURES_KEY, STEP_KEY
-from .autograd_weights import casts_weights, control_modules, make_autograd_safe
+from .autograd_weights import casts_weights, control_modules, frozen, make_autograd_safe
 from .joint_tokens import joint_token_layout
 from .model_family import UNET
 from .prompt import PROMPT_KEY, context_tokens, prompt_tokens_of
@@ -67,7 +68,7 @@ class AStarSampling:
 
     def __init__(self, specs: list[ConceptSpec], config: GuidanceConfig, recordings: list, family: str = UNET,
                  level: int | None = None, patch_size: int | None = None,
-                 layout_masks: torch.Tensor | None = None, lean: bool = True):
+                 layout_masks: torch.Tensor | None = None, lean: bool = True, single_pass: bool = False):
         self.specs = specs
         self.config = config
         self.recordings = recordings
@@ -76,6 +77,8 @@ class AStarSampling:
         self.patch_size = patch_size
         self.layout_masks = layout_masks  # [N, H, W], mask n for concept n
         self.lean = lean
+        # the sampler's own model call supplies the maps and the gradient (no separate guidance pass)
+        self.single_pass = single_pass
         # latent size -> the read layers a full guidance pass found, so later runs start lean (a wrong
         # entry only costs one full pass: a pass that records other layers runs in full and re-learns)
         self.learned_layers: dict[tuple, tuple] = {}
@@ -137,7 +140,7 @@ class _GuidedRun:
         source = {"uuids": frozenset(c["uuid"] for c in self.entries if "uuid" in c) or None,
                   "n_tokens": n_context, "excluded": excluded}
         self.capture = RunCapture(owner.level, [s.label for s in owner.specs], self.groups, **source)
-        self.passes = GuidancePasses(owner.level, lean=owner.lean, **source)
+        self.passes = GuidancePasses(owner.level, lean=owner.lean and not owner.single_pass, **source)
         self.log: dict[int, dict] = {}
         self.masks = None
         self.previous_position = None
@@ -184,10 +187,12 @@ class _GuidedRun:
         self.capture.sigmas[step] = sigma_value
         if in_window(position, self.n_steps, self.config.start, self.config.end):
             if _active(self.entries, sigma_value):
-                x_new = self._guide(model, x, sigma0, step, position, extra_args)
+                x_new, output = self._guide(model, x, sigma, step, position, extra_args)
                 if x_new is not None:
                     x.copy_(x_new)  # in place: the sampler continues from this very tensor
                     self.guided_x[step] = x  # checked against the sampler's report of this step
+                if output is not None:  # single pass: the call already ran, at the latent before the update
+                    return output
             else:
                 logging.info("A-STAR: step %d: the prompt is inactive at this sigma (timestep range); "
                              "guidance skipped", step)
@@ -220,10 +225,17 @@ class _GuidedRun:
                                            latent_image=model_k.latent_image.clone())
         return x * mask + known.detach() * (1.0 - mask)
 
-    def _guide(self, model_k, x, sigma, step, position, extra_args):
-        """One guided step on the sampler's latent x (ComfyUI's x); returns the updated latent, or None
-        when nothing moved (step size 0): the sampler's latent then stays bit for bit what it was."""
+    def _guide(self, model_k, x, sigma_call, step, position, extra_args):
+        """One guided step on the sampler's latent x (ComfyUI's x). Returns (the updated latent, or None when
+        nothing moved (step size 0): the sampler's latent then stays bit for bit what it was; the model call's
+        output in single-pass mode, else None).
+
+        Two passes (default): a guidance pass on the cond branch gives the maps; the sampler's call then
+        evaluates the updated latent. Single pass: the sampler's call itself, run with gradients, gives
+        the maps; its output, from the latent before the update, is what the sampler gets."""
         config = self.config
+        single = self.owner.single_pass
+        sigma = sigma_call.reshape(-1)[0]
         model = self.guider.inner_model
         with torch.inference_mode(False):
             controls = control_modules(self.positive)
@@ -245,13 +257,24 @@ class _GuidedRun:
             options = extra_args.get("model_options", self.base_options)
             base_to = options.get("transformer_options", {})
 
+            held = {}
+
             def maps_fn(z):  # z: a latent in ComfyUI's x space
                 capture = self.passes.capture()
-                pass_options = {**options, "transformer_options": {**base_to, CAPTURES_KEY: [capture], STEP_KEY: step}}
-                x_in = self._model_input(model_k, z, sigma_b, extra_args)
+                if single:  # the sampler's call (cond and uncond, denoise mask): the run's recording too
+                    call_options = {**options, "transformer_options": {
+                        **base_to, CAPTURES_KEY: [capture, self.capture], STEP_KEY: step}}
+
+                    def forward():
+                        held["output"] = model_k(z, sigma_call, **{**extra_args, "model_options": call_options})
+                else:
+                    pass_options = {**options, "transformer_options": {**base_to, CAPTURES_KEY: [capture], STEP_KEY: step}}
+                    x_in = self._model_input(model_k, z, sigma_b, extra_args)
+
+                    def forward():
+                        comfy.samplers.calc_cond_batch(model, [self.positive], x_in, sigma_b, pass_options)
                 with saved_tensor_policy(**policy):
-                    self.passes.run(capture, lambda: comfy.samplers.calc_cond_batch(
-                        model, [self.positive], x_in, sigma_b, pass_options))
+                    self.passes.run(capture, forward)
                 try:
                     return capture.concept_maps(self.groups)
                 except LookupError:
@@ -262,10 +285,12 @@ class _GuidedRun:
                 self.passes.layers = self.owner.learned_layers.get(size)
             threshold = refinement_threshold(position, self.previous_position, self.n_steps, config.refine_points)
             alpha = step_size_at(config.scale, position, self.n_steps) / c_in ** 2
-            result = guided_step(x, maps_fn, alpha, self.masks,
-                                 config, refine_threshold=threshold, layout_masks=self._layout(x.shape[-2:]),
-                                 check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
-                                 label=f"step {step}")
+            # frozen only where a gradient is taken: at step size 0 a single-pass call is the stock call
+            with frozen(networks) if alpha > 0 and config.moves else contextlib.nullcontext():
+                result = guided_step(x, maps_fn, alpha, self.masks,
+                                     config, refine_threshold=threshold, layout_masks=self._layout(x.shape[-2:]),
+                                     check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
+                                     label=f"step {step}")
             moved = ~result.skipped if result.iterations else torch.zeros_like(result.skipped)
             x_new = torch.where(moved.view(-1, *([1] * (x.dim() - 1))), result.latent.to(x.dtype), x)
         if self.passes.layers is not None:
@@ -277,7 +302,8 @@ class _GuidedRun:
         if bool(result.skipped.any()):
             logging.warning("A-STAR: step %d: update skipped for sample(s) %s (non-finite loss or gradient)",
                             step, torch.nonzero(result.skipped).flatten().tolist())
-        return x_new if bool(moved.any()) else None
+        output = held["output"].detach() if single else None
+        return (x_new if bool(moved.any()) else None), output
 
     def recording(self) -> AttentionRecording:
         smooth = gaussian_smooth if self.config.smooth else (lambda m: m)

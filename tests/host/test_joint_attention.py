@@ -285,6 +285,18 @@ class TestFlux:
         assert [c for c in counter.calls if c[2]] == [("double", 0, True), ("single", 0, True)], counter.calls
         assert [c for c in counter.calls if not c[2]] == [("double", 0, False), ("single", 0, False)] * 2
 
+    def test_single_pass_guides_from_the_samplers_own_call(self, host, flux):
+        """single_pass: no guidance pass of its own; the sampler's call at a guided step runs with gradients
+        (every block: its output is the sampler's), and one update from it lowers the loss."""
+        flux["flux_count_single"] = counter = BlockCounter()
+        _, rec = guided_run(host, guided_graph("flux", steps=2, guided_steps=1, hook=True, capture="flux_count_single",
+                                               step_size=2.0, single_pass=True, **one_iteration()))
+        check_lowered(rec, 1, "flux single pass")
+        # step 0: the call at the latent, one update, the call at the updated latent (the trace's two losses),
+        # whose output the sampler gets; step 1 (not guided): one call in inference mode
+        assert counter.calls == [("double", 0, True), ("single", 0, True)] * 2 + \
+            [("double", 0, False), ("single", 0, False)], counter.calls
+
     def test_example_runs_headless(self, host, server, flux):
         prompt, out = run_example(host, server, "astar_flux", {
             "UNETLoader": {"inputs": {"unet_name": FLUX_FILE, "weight_dtype": "default"}},
@@ -435,13 +447,16 @@ class TestSD35:
                 forward()
             assert done.keys == [("joint", 0)]  # stopped right after the first recorded block
 
-    def test_guided_run_equals_a_reference_loop(self, host, sd35):
+    @pytest.mark.parametrize("single_pass", [False, True])
+    def test_guided_run_equals_a_reference_loop(self, host, sd35, single_pass):
         """A-STAR Apply + KSampler (euler, cfg 3, cond and uncond in one batch) equals a loop written here:
         at each guided step the flow-matching latent x (the model's input: c_in = 1) moves by
         -alpha_i * grad_x L, L computed from maps made here from the q and k of the same forward (softmax
         over all keys, image rows, text columns, mean over heads and blocks, A&E's token softmax over the
-        prompt's tokens, a concept's CLIP and T5 positions summed); the sampler continues from it. With
-        step size 0 the run is the stock KSampler's, bit for bit."""
+        prompt's tokens, a concept's CLIP and T5 positions summed); the sampler continues from it, with
+        the model's prediction at the updated latent, or, single_pass, at the latent before the update
+        (the sampler's own call gave the maps). With step size 0 the run is the stock KSampler's, bit for
+        bit."""
         import comfy.model_management
         import comfy.sample
         import comfy.samplers
@@ -450,11 +465,11 @@ class TestSD35:
         steps, guided, step_size, blocks = 3, 2, SD35_STEP_SIZE, "joint:0-1"
         stock = sampled(host, graph("sd3", steps=steps))
         zero, rec0 = guided_run(host, guided_graph("sd3", steps=steps, guided_steps=guided, joint_blocks=blocks,
-                                                   step_size=0.0))
+                                                   step_size=0.0, single_pass=single_pass))
         assert torch.equal(stock, zero)
         assert rec0.layers == [("joint", 0), ("joint", 1)] and rec0.maps().shape == (steps, 2, 1, 2) + GRID
         latent, rec = guided_run(host, guided_graph("sd3", steps=steps, guided_steps=guided, joint_blocks=blocks,
-                                                    step_size=step_size))
+                                                    step_size=step_size, single_pass=single_pass))
         assert [s.iterations for s in rec.steps] == [1] * guided + [0] * (steps - guided)
 
         (cat, end), (frog, _) = t5_positions(PROMPT, "cat"), t5_positions(PROMPT, "frog")
@@ -496,6 +511,7 @@ class TestSD35:
             masks, ref_losses = None, []
             for i in range(steps):
                 s = sigmas[i].reshape(1)
+                at = x  # the latent the sampler's prediction is made at
                 if i < guided:
                     z = x.detach().requires_grad_(True)
                     with torch.enable_grad():
@@ -505,9 +521,10 @@ class TestSD35:
                     ref_losses.append(float(total.detach()))
                     masks = losses.binarize(maps_mod.gaussian_smooth(maps.detach()), "fraction", 0.5)
                     x = (z - alphas[i] * grad).detach()  # c_in = 1: the update is on the model's input
+                    at = z.detach() if single_pass else x
                 with torch.no_grad():
-                    den_c = base.apply_model(x, s, c_crossattn=cond, y=pooled)
-                    den_u = base.apply_model(x, s, c_crossattn=uncond, y=upooled)
+                    den_c = base.apply_model(at, s, c_crossattn=cond, y=pooled)
+                    den_u = base.apply_model(at, s, c_crossattn=uncond, y=upooled)
                     x = x + (x - (den_u + 3.0 * (den_c - den_u))) / s * (sigmas[i + 1] - s)  # euler
             expected = base.process_latent_out(x)
         got = [float(r.losses["total"]) for r in rec.steps[:guided]]
