@@ -2,8 +2,14 @@
 models (exact widths, few blocks: Flux.1-dev with 1 double + 1 single block, SD3.5-Medium width with
 3 joint blocks; small random text encoders behind the real tokenizers; tests/support/dit_models.py).
 
-  plain   stock KSampler
-  astar   A-STAR Apply (mode astar, window 0 to 0.5, step size 20) + the stock KSampler
+  plain         stock KSampler
+  astar         A-STAR Apply (mode astar, window 0 to 0.5, step size 20) + the stock KSampler
+  astar_single  the same with single_pass (the sampler's own call gives the maps and the gradient)
+  astar_zero    the same with step size 0: the stock run, with the losses of the unguided latents
+
+Besides time and memory, each A-STAR configuration reports the guidance loss (A-STAR's total, at the
+latent each guided step starts from, before its update) at every guided step: astar_zero's are those of
+the unguided run, so a guided configuration keeps the loss going down if its losses fall below them.
 
 Flux runs at cfg 1 (one cond pass per step, FluxGuidance 3.5), SD3.5 at cfg 4.5 (cond + uncond batch).
 Blocks read: Flux's default (every double block); on the 3-block SD3.5 model `joint:all` (the default
@@ -39,7 +45,7 @@ SD35_FILE = "astar-test-sd35m-b3.safetensors"
 PROMPT, CONCEPTS, SEED = "a cat and a frog", "cat, frog", 0
 SETTINGS = {"flux": {"cfg": 1.0, "sampler": "euler", "scheduler": "simple", "blocks": ""},
             "sd35": {"cfg": 4.5, "sampler": "euler", "scheduler": "simple", "blocks": "joint:all"}}
-CONFIGS = ("plain", "astar")
+CONFIGS = ("plain", "astar", "astar_single", "astar_zero")
 
 
 def graph(model: str, kind: str, size: int, steps: int, guidance_end: float, seed: int) -> dict:
@@ -56,13 +62,15 @@ def graph(model: str, kind: str, size: int, steps: int, guidance_end: float, see
         g["guidance"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": positive, "guidance": 3.5}}
         positive = ["guidance", 0]
     source = ["model", 0]
-    if kind == "astar":
+    if kind.startswith("astar"):
         g["apply"] = {"class_type": "AStarApply", "inputs": {
             "model": source, "concepts": CONCEPTS, "attention_resolution": "1/32", "mode": "astar",
             "guidance_start": 0.0, "guidance_end": guidance_end, "step_size": 20.0, "segregation_weight": 1.0,
             "retention_weight": 1.0, "binarization": "fraction", "mask_fraction": 0.5, "smoothing": True,
             "refine": "auto", "refine_thresholds": "0:0.05, 0.2:0.5, 0.4:0.8", "max_refine_iters": 20,
-            "joint_blocks": s["blocks"]}}
+            "joint_blocks": s["blocks"], "single_pass": kind == "astar_single"}}
+        if kind == "astar_zero":
+            g["apply"]["inputs"]["step_size"] = 0.0
         source = ["apply", 0]
     g["sampler"] = {"class_type": "KSampler", "inputs": {
         "model": source, "seed": seed, "steps": steps, "cfg": s["cfg"], "sampler_name": s["sampler"],
@@ -92,8 +100,12 @@ def worker(a) -> dict:
         host.run(graph(a.model, "astar", 64, 1, 1.0, SEED + 1))  # loads everything; the same for both configs
         warmup_s = time.perf_counter() - t
         with common.Meter(a.device) as m:
-            host.run(graph(a.model, a.worker, a.size, a.steps, a.guidance_end, SEED))
-        return dict(m.result, warmup_s=warmup_s, torch_threads=torch.get_num_threads())
+            out = host.run(graph(a.model, a.worker, a.size, a.steps, a.guidance_end, SEED))
+        result = dict(m.result, warmup_s=warmup_s, torch_threads=torch.get_num_threads())
+        if "apply" in out:
+            steps = out["apply"][1][-1].steps
+            result["guided_losses"] = [float(r.losses["total"].mean()) for r in steps if r.losses]
+        return result
 
 
 def spawn(config: str, a, log) -> dict:
@@ -117,12 +129,15 @@ def summarize(runs: dict, a) -> dict:
     if a.device == "cuda":
         for c, rs in runs.items():
             s[c]["gpu_increase_mib_max"] = max(r["gpu_increase_mib"] for r in rs)
-    if "plain" in s and "astar" in s:
-        p, q = s["plain"], s["astar"]
-        guided = common.guided_count(a.steps, a.guidance_end)
-        s["astar"]["x_plain_wall"] = q["wall_s_median"] / p["wall_s_median"]
-        s["astar"]["guided_step_extra_in_plain_steps"] = \
-            (q["wall_s_median"] - p["wall_s_median"]) / max(guided, 1) / (p["wall_s_median"] / a.steps)
+    guided = common.guided_count(a.steps, a.guidance_end)
+    for c, q in s.items():
+        if c != "plain" and "plain" in s:
+            p = s["plain"]
+            q["x_plain_wall"] = q["wall_s_median"] / p["wall_s_median"]
+            q["guided_step_extra_in_plain_steps"] = \
+                (q["wall_s_median"] - p["wall_s_median"]) / max(guided, 1) / (p["wall_s_median"] / a.steps)
+        if runs[c] and "guided_losses" in runs[c][0]:
+            q["guided_losses"] = runs[c][0]["guided_losses"]  # deterministic: the same in every rep
     return s
 
 
@@ -150,7 +165,7 @@ def main(argv=None):
             for c in (CONFIGS if rep % 2 == 0 else CONFIGS[::-1]):
                 r = spawn(c, a, log)
                 runs[c].append(r)
-                print(f"rep {rep} {c:<6} wall {r['wall_s']:7.1f} s  peak RSS {r['rss_peak_mib']:7.0f} MiB "
+                print(f"rep {rep} {c:<12} wall {r['wall_s']:7.1f} s  peak RSS {r['rss_peak_mib']:7.0f} MiB "
                       f"(+{r['rss_increase_mib']:.0f})", flush=True)
     summary = summarize(runs, a)
     doc = {"benchmark": "bench_dit", "machine": info,
@@ -161,11 +176,13 @@ def main(argv=None):
            "summary": summary, "runs": runs}
     out = common.RESULTS_DIR / f"{name}.json"
     out.write_text(json.dumps(doc, indent=1))
-    print(f"{'config':<8}{'wall s':>9}{'cpu s':>9}{'x plain':>9}{'peak RSS MiB':>14}{'+MiB':>8}{'step+':>8}")
+    print(f"{'config':<14}{'wall s':>9}{'cpu s':>9}{'x plain':>9}{'peak RSS MiB':>14}{'+MiB':>8}{'step+':>8}"
+          "  loss at each guided step")
     for c, v in summary.items():
-        print(f"{c:<8}{v['wall_s_median']:>9.1f}{v['cpu_s_median']:>9.1f}{v.get('x_plain_wall', 1.0):>9.3f}"
+        losses = " ".join(f"{x:.4f}" for x in v.get("guided_losses", []))
+        print(f"{c:<14}{v['wall_s_median']:>9.1f}{v['cpu_s_median']:>9.1f}{v.get('x_plain_wall', 1.0):>9.3f}"
               f"{v['rss_peak_mib_max']:>14.0f}{v['rss_increase_mib_max']:>8.0f}"
-              f"{v.get('guided_step_extra_in_plain_steps', 0.0):>8.2f}")
+              f"{v.get('guided_step_extra_in_plain_steps', 0.0):>8.2f}  {losses}")
     print(f"wrote {out}")
 
 
