@@ -7,9 +7,10 @@ evaluation is recognised among their model calls:
 - by sigma (most): the first call at sigma_i after step i-1's (step 0: the run's first call); the
   extra calls of second-order and SDE samplers (dpm_2, dpmpp_sde, seeds, ...) fall at intermediate
   sigmas;
-- by count (heun, heunpp2, dpm_2_ancestral, dpmpp_2s_ancestral): their extra calls fall on the next
-  schedule sigma (Heun's corrector; the ancestral midpoint sqrt(sigma_i * sigma_down) is sigma_i+1
-  itself when eta = 1), so step i begins at a call number known from the schedule;
+- by count (heun, heunpp2, dpm_2_ancestral, dpmpp_2s_ancestral, exp_heun_2_x0 and its SDE form): their
+  extra calls fall on the next schedule sigma (Heun's corrector; the ancestral midpoint
+  sqrt(sigma_i * sigma_down) is sigma_i+1 itself when eta = 1; exp_heun_2_x0's stage at r = 1), so step
+  i begins at a call number known from the schedule;
 - after each progress callback (dpm_fast, dpm_adaptive): their own time grid, one callback per
   solver step, reported after the step.
 Predictor-corrector samplers that never evaluate the latent they continue from (uni_pc,
@@ -26,7 +27,7 @@ UNGUIDABLE = {
     "sample_sa_solver": "sa_solver", "sample_sa_solver_pece": "sa_solver_pece",
 }
 COUNTED = ("sample_heun", "sample_heunpp2", "sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral",
-           "sample_dpmpp_2s_ancestral_cfg_pp")
+           "sample_dpmpp_2s_ancestral_cfg_pp", "sample_exp_heun_2_x0", "sample_exp_heun_2_x0_sde")
 OWN_GRID = ("dpm_fast_function", "dpm_adaptive_function", "sample_dpm_fast", "sample_dpm_adaptive")
 # Samplers whose progress callback reports another tensor than the latent of the step.
 CALLBACK_REPORTS_OTHER_X = ("sample_ipndm", "sample_ipndm_v", "sample_deis")
@@ -55,7 +56,8 @@ def refuse_unguidable(name: str, guidable_names) -> None:
 
 def evaluations_per_step(name: str, sigmas: list[float]) -> list[int]:
     """Model calls of each step of a COUNTED sampler for this schedule: one, plus a second where the
-    next sigma is not 0 (heun's corrector, the ancestral samplers' midpoint; heunpp2 below)."""
+    next sigma is not 0 (heun's corrector, the ancestral samplers' midpoint, exp_heun_2_x0's second
+    stage; heunpp2 below)."""
     n = len(sigmas) - 1
     if name != "sample_heunpp2":
         return [1 if sigmas[i + 1] == 0 else 2 for i in range(n)]

@@ -91,6 +91,10 @@ def build_flux_checkpoint(path, double_blocks: int = 1, single_blocks: int = 1, 
     M._ensure_comfy()
     import comfy.supported_models
     cfg = dict(FLUX_DEV, depth=double_blocks, depth_single_blocks=single_blocks)
+    import dataclasses
+    from comfy.ldm.flux.model import FluxParams
+    if "txt_ids_dims" in {f.name for f in dataclasses.fields(FluxParams)}:
+        cfg["txt_ids_dims"] = []  # ComfyUI 0.19+: which text-id axes carry positions; none for Flux.1
     net = _random_model(cfg, comfy.supported_models.Flux, seed, "flux")
     sd = net.state_dict()
     found = detected(sd)
