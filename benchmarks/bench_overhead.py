@@ -60,9 +60,11 @@ CKPTS = {"sd15": "astar-test-sd15-full.safetensors", "sdxl": "astar-test-sdxl.sa
 DEFAULT_SIZES = {("cpu", "sd15"): 256, ("cuda", "sd15"): 512, ("cpu", "sdxl"): 256, ("cuda", "sdxl"): 1024}
 PROMPT, NEGATIVE, CONCEPTS = "a cat and a frog", "", "cat, frog"
 CFG, SEED, STEP_SIZE = 7.5, 0, 20.0
+# Variant: comfy_astar_single takes the gradient from the sampler's own model call (single_pass).
 # Ablations: comfy_astar_untruncated runs every guidance pass in full; comfy_astar_keep_casts lets
 # autograd keep the per-forward weight casts of a manual-cast model (attention/saved_tensors.py).
-COMFY_CONFIGS = ("comfy_plain", "comfy_astar", "comfy_ae", "comfy_astar_untruncated", "comfy_astar_keep_casts")
+COMFY_CONFIGS = ("comfy_plain", "comfy_astar", "comfy_ae", "comfy_astar_single", "comfy_astar_untruncated",
+                 "comfy_astar_keep_casts")
 DIFFUSERS_CONFIGS = ("diffusers_plain", "diffusers_ae")
 DEFAULT_CONFIGS = {"sd15": ("comfy_plain", "comfy_astar", "comfy_ae", "diffusers_plain", "diffusers_ae"),
                    "sdxl": ("comfy_plain", "comfy_astar", "comfy_ae")}
@@ -143,7 +145,8 @@ def _graph(a, kind: str, size: int, steps: int, guidance_end: float, seed: int =
     g = sd15_graph(CKPTS[a.model], sampler=sampler, prompt=PROMPT, negative=NEGATIVE, concepts=CONCEPTS, size=size, steps=steps,
                    seed=seed, cfg=CFG, sampler_name="euler", scheduler="normal", resolution="1/32", mode=mode,
                    step_size=STEP_SIZE, decode=False, guidance_start=0.0, guidance_end=guidance_end,
-                   refine="auto")  # auto: A&E's refinement in attend_excite mode, none in astar mode
+                   refine="auto",  # auto: A&E's refinement in attend_excite mode, none in astar mode
+                   **({"single_pass": True} if kind == "comfy_astar_single" else {}))
     g["out"] = {"class_type": "PreviewAny", "inputs": {"source": ["sampler", 0]}}
     return g
 

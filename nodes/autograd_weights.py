@@ -103,6 +103,23 @@ def frozen(modules):
             p.requires_grad_(True)
 
 
+@contextlib.contextmanager
+def differentiable_kernels():
+    """ComfyUI's switch for autograd through its models set while the context is open, and put back at
+    its end: since 0.19 Flux's RoPE runs as a comfy-kitchen kernel that has no backward unless
+    `comfy.model_management.in_training` is set (ComfyUI's training node sets it the same way). ComfyUI
+    versions without the switch have no such kernel."""
+    if not hasattr(comfy.model_management, "in_training"):
+        yield
+        return
+    before = comfy.model_management.in_training
+    comfy.model_management.in_training = True
+    try:
+        yield
+    finally:
+        comfy.model_management.in_training = before
+
+
 def control_modules(conds) -> list[torch.nn.Module]:
     """ControlNet / T2I-Adapter networks attached to sampler conds (each may chain to previous ones)."""
     found = []
