@@ -48,7 +48,8 @@ SETTINGS = {"flux": {"cfg": 1.0, "sampler": "euler", "scheduler": "simple", "blo
 CONFIGS = ("plain", "astar", "astar_single", "astar_zero")
 
 
-def graph(model: str, kind: str, size: int, steps: int, guidance_end: float, seed: int) -> dict:
+def graph(model: str, kind: str, size: int, steps: int, guidance_end: float, seed: int,
+          step_size: float = 20.0) -> dict:
     s = SETTINGS[model]
     loader = ({"class_type": "UNETLoader", "inputs": {"unet_name": FLUX_FILE, "weight_dtype": "default"}}
               if model == "flux" else {"class_type": "AStarTestModel", "inputs": {"name": "sd35"}})
@@ -65,7 +66,7 @@ def graph(model: str, kind: str, size: int, steps: int, guidance_end: float, see
     if kind.startswith("astar"):
         g["apply"] = {"class_type": "AStarApply", "inputs": {
             "model": source, "concepts": CONCEPTS, "attention_resolution": "1/32", "mode": "astar",
-            "guidance_start": 0.0, "guidance_end": guidance_end, "step_size": 20.0, "segregation_weight": 1.0,
+            "guidance_start": 0.0, "guidance_end": guidance_end, "step_size": step_size, "segregation_weight": 1.0,
             "retention_weight": 1.0, "binarization": "fraction", "mask_fraction": 0.5, "smoothing": True,
             "refine": "auto", "refine_thresholds": "0:0.05, 0.2:0.5, 0.4:0.8", "max_refine_iters": 20,
             "joint_blocks": s["blocks"], "single_pass": kind == "astar_single"}}
@@ -100,7 +101,7 @@ def worker(a) -> dict:
         host.run(graph(a.model, "astar", 64, 1, 1.0, SEED + 1))  # loads everything; the same for both configs
         warmup_s = time.perf_counter() - t
         with common.Meter(a.device) as m:
-            out = host.run(graph(a.model, a.worker, a.size, a.steps, a.guidance_end, SEED))
+            out = host.run(graph(a.model, a.worker, a.size, a.steps, a.guidance_end, SEED, a.step_size))
         result = dict(m.result, warmup_s=warmup_s, torch_threads=torch.get_num_threads())
         if "apply" in out:
             steps = out["apply"][1][-1].steps
@@ -112,7 +113,8 @@ def spawn(config: str, a, log) -> dict:
     with tempfile.NamedTemporaryFile("r", suffix=".json", delete=False) as f:
         out = Path(f.name)
     cmd = [sys.executable, __file__, "--worker", config, "--worker-out", str(out), "--device", a.device,
-           "--model", a.model, "--size", str(a.size), "--steps", str(a.steps), "--guidance-end", repr(a.guidance_end)]
+           "--model", a.model, "--size", str(a.size), "--steps", str(a.steps), "--guidance-end", repr(a.guidance_end),
+           "--step-size", repr(a.step_size), "--configs", *a.configs]
     if subprocess.run(cmd, cwd=str(common.PACK_DIR), stdout=log, stderr=subprocess.STDOUT).returncode != 0:
         raise RuntimeError(f"worker {config} failed; see {log.name}")
     result = json.loads(out.read_text())
@@ -149,6 +151,10 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--guidance-end", type=float, default=0.5)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--step-size", type=float, default=20.0,
+                    help="A-STAR's step size (20, A&E's default; random weights give small gradients, so a larger "
+                         "one shows whether the guided losses go down)")
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     ap.add_argument("--name", default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
@@ -158,11 +164,11 @@ def main(argv=None):
         return
     name = a.name or f"{a.device}-{a.model}-{a.size}px-{a.steps}steps"
     info = common.machine(argparse.Namespace(device=a.device))
-    runs = {c: [] for c in CONFIGS}
+    runs = {c: [] for c in a.configs}
     log_path = Path(tempfile.gettempdir()) / f"bench_dit-{name}.log"
     with open(log_path, "w") as log:
         for rep in range(a.reps):
-            for c in (CONFIGS if rep % 2 == 0 else CONFIGS[::-1]):
+            for c in (a.configs if rep % 2 == 0 else a.configs[::-1]):
                 r = spawn(c, a, log)
                 runs[c].append(r)
                 print(f"rep {rep} {c:<12} wall {r['wall_s']:7.1f} s  peak RSS {r['rss_peak_mib']:7.0f} MiB "
@@ -170,7 +176,8 @@ def main(argv=None):
     summary = summarize(runs, a)
     doc = {"benchmark": "bench_dit", "machine": info,
            "settings": {"model": a.model, "device": a.device, "size_px": a.size, "steps": a.steps,
-                        "guided_steps": common.guided_count(a.steps, a.guidance_end), **SETTINGS[a.model],
+                        "guided_steps": common.guided_count(a.steps, a.guidance_end), "step_size": a.step_size,
+                        **SETTINGS[a.model],
                         "prompt": PROMPT, "concepts": CONCEPTS,
                         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
            "summary": summary, "runs": runs}
@@ -179,7 +186,7 @@ def main(argv=None):
     print(f"{'config':<14}{'wall s':>9}{'cpu s':>9}{'x plain':>9}{'peak RSS MiB':>14}{'+MiB':>8}{'step+':>8}"
           "  loss at each guided step")
     for c, v in summary.items():
-        losses = " ".join(f"{x:.4f}" for x in v.get("guided_losses", []))
+        losses = " ".join(f"{x:.6f}" for x in v.get("guided_losses", []))
         print(f"{c:<14}{v['wall_s_median']:>9.1f}{v['cpu_s_median']:>9.1f}{v.get('x_plain_wall', 1.0):>9.3f}"
               f"{v['rss_peak_mib_max']:>14.0f}{v['rss_increase_mib_max']:>8.0f}"
               f"{v.get('guided_step_extra_in_plain_steps', 0.0):>8.2f}  {losses}")

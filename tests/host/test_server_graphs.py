@@ -1,10 +1,11 @@
-"""A-STAR with a LoRA and a ControlNet in one graph, through the server."""
+"""A-STAR with a LoRA and a ControlNet; A-STAR Apply in the stock sampler nodes (through the server)."""
 from __future__ import annotations
 
 import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from support import host as hosts
@@ -57,6 +58,64 @@ def test_lora_and_controlnet_with_astar_ksampler(server, mini_ckpt, lora_and_con
     assert np.abs(image - plain).max() > 0, "LoRA + ControlNet changed nothing"
     report = " ".join(str(t) for t in entry["outputs"]["show"]["text"])
     assert "segregation" in report and "cat" in report and "frog" in report, report[:2000]
+
+
+def _merged_lora_checkpoint(ckpt_path, lora_path, strength, out_path):
+    """The checkpoint with the LoRA's UNet modules merged into its weights, computed here: W + strength *
+    alpha / rank * up @ down (in float32; the loader casts it to the dtype the model runs in). The
+    kohya names are mapped to the checkpoint's keys with ComfyUI's UNet name table."""
+    import comfy.utils
+    import safetensors.torch
+    from support.models import sd15_unet_config
+    prefix = "model.diffusion_model."
+    ldm_to_diffusers = {v: k for k, v in comfy.utils.unet_to_diffusers(sd15_unet_config("mini")).items()}
+    lora = safetensors.torch.load_file(str(lora_path))
+    merged, count = {}, 0
+    for key, w in safetensors.torch.load_file(str(ckpt_path)).items():
+        if key.startswith(prefix) and key.endswith(".weight"):
+            name = ldm_to_diffusers.get(key[len(prefix):], key[len(prefix):])
+            name = "lora_unet_" + name[: -len(".weight")].replace(".", "_")
+            if f"{name}.lora_up.weight" in lora:
+                up, down = lora[f"{name}.lora_up.weight"].float(), lora[f"{name}.lora_down.weight"].float()
+                delta = (up.flatten(1) @ down.flatten(1)).reshape(w.shape)
+                w = w.float() + strength * float(lora[f"{name}.alpha"]) / up.shape[1] * delta
+                count += 1
+        merged[key] = w
+    safetensors.torch.save_file(merged, str(out_path))
+    return count
+
+
+def test_a_lora_reaches_the_guidance_pass(host, mini_ckpt, lora_and_controlnet):
+    """LoraLoaderModelOnly before A-STAR KSampler (UNet, kohya LoRA on every attention and feed-forward
+    layer): the guidance pass's losses and the guided latent equal those of a checkpoint with the LoRA
+    merged into its weights here, and differ from the base model's."""
+    lora, _ = lora_and_controlnet
+    merged_name = "astar-test-sd15-mini-lora-merged.safetensors"
+    merged_path = hosts.models_dir() / "checkpoints" / merged_name
+    strength = 1.0
+    count = _merged_lora_checkpoint(hosts.models_dir() / "checkpoints" / mini_ckpt,
+                                    hosts.models_dir() / "loras" / lora, strength, merged_path)
+    assert count > 50
+    try:
+        def run(ckpt, with_lora):
+            g = sd15_graph(ckpt, steps=3, guided_steps=2, seed=7, step_size=200.0, decode=False)
+            if with_lora:
+                g["lora"] = {"class_type": "LoraLoaderModelOnly",
+                             "inputs": {"model": ["ckpt", 0], "lora_name": lora, "strength_model": strength}}
+                g["sampler"]["inputs"]["model"] = ["lora", 0]
+            g["out"] = {"class_type": "PreviewAny", "inputs": {"source": ["sampler", 0]}}
+            latent, rec = host.run(g)["sampler"]
+            return latent["samples"], torch.stack([s.losses["total"] for s in rec.steps[:2]])
+
+        base, base_losses = run(mini_ckpt, False)
+        with_lora, lora_losses = run(mini_ckpt, True)
+        merged, merged_losses = run(merged_name, False)
+    finally:
+        merged_path.unlink(missing_ok=True)
+    torch.testing.assert_close(lora_losses, merged_losses, rtol=1e-4, atol=1e-6)
+    assert ((lora_losses - base_losses).abs() > 2e-3 * base_losses.abs()).all()  # 20x the tolerance
+    torch.testing.assert_close(with_lora, merged, rtol=1e-3, atol=1e-3)
+    assert float((with_lora - base).abs().max()) > 1e-1
 
 
 # ------------------------------------------------------------------------------------------------
