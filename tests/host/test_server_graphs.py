@@ -37,6 +37,9 @@ def _image(server, entry, node="save"):
 
 
 def test_lora_and_controlnet_with_astar_ksampler(server, mini_ckpt, lora_and_controlnet):
+    """The LoRA + ControlNet + A-STAR graph runs through the server and reports both concepts; that the
+    guidance pass computes with the LoRA's weights and the ControlNet's residuals is proven by the two
+    equivalence tests below."""
     lora, controlnet = lora_and_controlnet
     plain = _image(server, server.run(sd15_graph(mini_ckpt, steps=3, guided_steps=2, seed=5)))
     g = sd15_graph(mini_ckpt, steps=3, guided_steps=2, seed=5)
@@ -116,6 +119,35 @@ def test_a_lora_reaches_the_guidance_pass(host, mini_ckpt, lora_and_controlnet):
     assert ((lora_losses - base_losses).abs() > 2e-3 * base_losses.abs()).all()  # 20x the tolerance
     torch.testing.assert_close(with_lora, merged, rtol=1e-3, atol=1e-3)
     assert float((with_lora - base).abs().max()) > 1e-1
+
+
+def test_the_guidance_pass_sees_the_controlnet(host, mini_ckpt, lora_and_controlnet):
+    """With a ControlNet on the positive, the maps of step 0's guidance pass (its own forward of the prompt's
+    branch) equal the maps the sampler's own model call records at step 0 when nothing is guided (ComfyUI's
+    call, cond and uncond in one batch, ControlNet residuals added), and differ from the maps without the
+    ControlNet: the guidance pass runs the ControlNet as the sampler does."""
+    _, controlnet = lora_and_controlnet
+
+    def step0_maps(guided_steps, with_controlnet):
+        g = sd15_graph(mini_ckpt, steps=3, guided_steps=guided_steps, seed=9, step_size=0.0, decode=False)
+        if with_controlnet:
+            g["cn"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": controlnet}}
+            g["hint"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1,
+                                                                "color": 0xFF8000}}
+            g["apply"] = {"class_type": "ControlNetApplyAdvanced",
+                          "inputs": {"positive": ["pos", 0], "negative": ["neg", 0], "control_net": ["cn", 0],
+                                     "image": ["hint", 0], "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}}
+            g["sampler"]["inputs"].update({"positive": ["apply", 0], "negative": ["apply", 1]})
+        g["out"] = {"class_type": "PreviewAny", "inputs": {"source": ["sampler", 0]}}
+        rec = host.run(g)["sampler"][1]
+        assert rec.steps[0].step == 0 and rec.steps[0].iterations == 0
+        return rec.steps[0].loss_maps
+
+    from_guidance_pass = step0_maps(1, True)  # step 0 guided (step size 0): the maps of its guidance pass
+    from_sampler_call = step0_maps(0, True)  # nothing guided: the maps of the sampler's own call
+    without = step0_maps(0, False)
+    torch.testing.assert_close(from_guidance_pass, from_sampler_call, rtol=1e-4, atol=1e-6)
+    assert float((from_sampler_call - without).abs().max()) > 1e-3  # 300x the tolerance (maps ~0.02)
 
 
 # ------------------------------------------------------------------------------------------------
