@@ -87,37 +87,28 @@ def make_autograd_safe(module: torch.nn.Module) -> int:
 
 
 @contextlib.contextmanager
-def frozen(modules):
-    """Every parameter of `modules` frozen (requires_grad False: no weight gradients, and autograd saves
-    no input for one) while the context is open, and each flag put back as it was at its end. Put back,
-    because the flag is the model's, which ComfyUI shares, and some kernels take another path for
-    frozen weights: ComfyUI's later runs of the model would differ from its runs before in the last
-    bits (SD3.5 on CPU: 3e-6)."""
+def gradient_to_input(modules):
+    """What a gradient with respect to the input of `modules` needs, for as long as the context is open;
+    everything put back as it was at its end:
+    - every parameter frozen (requires_grad False: no weight gradients, and autograd saves no input for
+      one). Put back, because the flag is the shared model's, and some kernels take another path for
+      frozen weights: ComfyUI's later runs of the model would differ in the last bits (SD3.5, CPU: 3e-6);
+    - ComfyUI's `in_training` switch on where it exists: since 0.19 Flux's RoPE runs as a comfy-kitchen
+      kernel that has no backward unless it is set (ComfyUI's training node sets it the same way)."""
     thawed = [p for module in modules for p in module.parameters() if p.requires_grad]
+    switch = hasattr(comfy.model_management, "in_training")
+    before = switch and comfy.model_management.in_training
     for p in thawed:
         p.requires_grad_(False)
+    if switch:
+        comfy.model_management.in_training = True
     try:
         yield
     finally:
         for p in thawed:
             p.requires_grad_(True)
-
-
-@contextlib.contextmanager
-def differentiable_kernels():
-    """ComfyUI's switch for autograd through its models set while the context is open, and put back at
-    its end: since 0.19 Flux's RoPE runs as a comfy-kitchen kernel that has no backward unless
-    `comfy.model_management.in_training` is set (ComfyUI's training node sets it the same way). ComfyUI
-    versions without the switch have no such kernel."""
-    if not hasattr(comfy.model_management, "in_training"):
-        yield
-        return
-    before = comfy.model_management.in_training
-    comfy.model_management.in_training = True
-    try:
-        yield
-    finally:
-        comfy.model_management.in_training = before
+        if switch:
+            comfy.model_management.in_training = before
 
 
 def control_modules(conds) -> list[torch.nn.Module]:

@@ -29,7 +29,7 @@ from ..attention.saved_tensors import saved_tensor_policy
 from ..attention.schedule import in_window, refinement_threshold, schedule_position, step_size_at
 from ..attention.tokens import ConceptSpec
 from .attention_patch import CAPTURES_KEY, STEP_KEY
-from .autograd_weights import casts_weights, control_modules, differentiable_kernels, frozen, make_autograd_safe
+from .autograd_weights import casts_weights, control_modules, gradient_to_input, make_autograd_safe
 from .joint_tokens import joint_token_layout
 from .model_family import UNET
 from .prompt import PROMPT_KEY, context_tokens, prompt_tokens_of
@@ -286,10 +286,8 @@ class _GuidedRun:
             threshold = refinement_threshold(position, self.previous_position, self.n_steps, config.refine_points)
             alpha = step_size_at(config.scale, position, self.n_steps) / c_in ** 2
             # only where a gradient is taken: at step size 0 a single-pass call is the stock call
-            with contextlib.ExitStack() as autograd_context:
-                if alpha > 0 and config.moves:
-                    autograd_context.enter_context(frozen(networks))
-                    autograd_context.enter_context(differentiable_kernels())
+            moves = alpha > 0 and config.moves
+            with gradient_to_input(networks) if moves else contextlib.nullcontext():
                 result = guided_step(x, maps_fn, alpha, self.masks,
                                      config, refine_threshold=threshold, layout_masks=self._layout(x.shape[-2:]),
                                      check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,

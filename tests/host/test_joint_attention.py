@@ -593,19 +593,13 @@ class TestSD35:
         * up @ down on every joint-attention projection), and differ from the base model's; the base model
         guided again afterwards gives its first result bit for bit (no LoRA weight stays behind)."""
         import safetensors.torch
+        from support.models import merge_lora
         base_path = hosts.models_dir() / "dit" / "astar-test-sd35m-b3.safetensors"
         lora_name, strength = "astar-test-sd35m-b3-lora.safetensors", 0.8
         lora_path = D.build_joint_attention_lora(hosts.models_dir() / "loras" / lora_name, base_path, scale=2.0)
-        lora = safetensors.torch.load_file(str(lora_path))
-        merged, n_merged = {}, 0
-        for key, w in safetensors.torch.load_file(str(base_path)).items():
-            name = "lora_unet_" + key.removesuffix(".weight").replace(".", "_")
-            if key.endswith(".weight") and f"{name}.lora_up.weight" in lora:
-                up, down = lora[f"{name}.lora_up.weight"].float(), lora[f"{name}.lora_down.weight"].float()
-                # kept in float32: the loader casts it to the dtype the model runs in, as the LoRA patch does
-                w = w.float() + strength * float(lora[f"{name}.alpha"]) / up.shape[1] * (up @ down)
-                n_merged += 1
-            merged[key] = w
+        merged, n_merged = merge_lora(safetensors.torch.load_file(str(base_path)),
+                                      safetensors.torch.load_file(str(lora_path)), strength,
+                                      lambda key: "lora_unet_" + key.removesuffix(".weight").replace(".", "_"))
         assert n_merged == 3 * 2 * 2 - 1  # qkv and proj of both streams; the last context block has no proj
         safetensors.torch.save_file(merged, str(tmp_path / "merged.safetensors"))
         sd35["sd35_merged"] = D.load_sd35_model(tmp_path / "merged.safetensors")

@@ -64,26 +64,22 @@ def test_lora_and_controlnet_with_astar_ksampler(server, mini_ckpt, lora_and_con
 
 
 def _merged_lora_checkpoint(ckpt_path, lora_path, strength, out_path):
-    """The checkpoint with the LoRA's UNet modules merged into its weights, computed here: W + strength *
-    alpha / rank * up @ down (in float32; the loader casts it to the dtype the model runs in). The
-    kohya names are mapped to the checkpoint's keys with ComfyUI's UNet name table."""
+    """The checkpoint with the LoRA's UNet modules merged into its weights (support.models.merge_lora);
+    the kohya names are mapped to the checkpoint's keys with ComfyUI's UNet name table."""
     import comfy.utils
     import safetensors.torch
-    from support.models import sd15_unet_config
+    from support.models import merge_lora, sd15_unet_config
     prefix = "model.diffusion_model."
     ldm_to_diffusers = {v: k for k, v in comfy.utils.unet_to_diffusers(sd15_unet_config("mini")).items()}
-    lora = safetensors.torch.load_file(str(lora_path))
-    merged, count = {}, 0
-    for key, w in safetensors.torch.load_file(str(ckpt_path)).items():
-        if key.startswith(prefix) and key.endswith(".weight"):
-            name = ldm_to_diffusers.get(key[len(prefix):], key[len(prefix):])
-            name = "lora_unet_" + name[: -len(".weight")].replace(".", "_")
-            if f"{name}.lora_up.weight" in lora:
-                up, down = lora[f"{name}.lora_up.weight"].float(), lora[f"{name}.lora_down.weight"].float()
-                delta = (up.flatten(1) @ down.flatten(1)).reshape(w.shape)
-                w = w.float() + strength * float(lora[f"{name}.alpha"]) / up.shape[1] * delta
-                count += 1
-        merged[key] = w
+
+    def lora_name(key):
+        if not key.startswith(prefix):
+            return None
+        name = ldm_to_diffusers.get(key[len(prefix):], key[len(prefix):])
+        return "lora_unet_" + name[: -len(".weight")].replace(".", "_")
+
+    merged, count = merge_lora(safetensors.torch.load_file(str(ckpt_path)),
+                               safetensors.torch.load_file(str(lora_path)), strength, lora_name)
     safetensors.torch.save_file(merged, str(out_path))
     return count
 

@@ -429,6 +429,23 @@ def build_sd15_lora(path: PathLike, layout: str = "mini", seed: int = 0, rank: i
     return _atomic_save(sd, path)
 
 
+def merge_lora(weights: dict, lora: dict, strength: float, lora_name) -> tuple[dict, int]:
+    """Weights with a LoRA merged in, computed independently of ComfyUI: W + strength * alpha / rank *
+    up @ down (flattened, reshaped to W: linear and conv), kept in float32 (a loader casts it to the dtype
+    the model runs in, as ComfyUI's LoRA patch does). lora_name(key) -> the LoRA module name of a weight
+    key. Returns (merged weights, number of weights merged)."""
+    merged, count = {}, 0
+    for key, w in weights.items():
+        name = lora_name(key) if key.endswith(".weight") else None
+        if name is not None and f"{name}.lora_up.weight" in lora:
+            up, down = lora[f"{name}.lora_up.weight"].float(), lora[f"{name}.lora_down.weight"].float()
+            delta = (up.flatten(1) @ down.flatten(1)).reshape(w.shape)
+            w = w.float() + strength * float(lora[f"{name}.alpha"]) / up.shape[1] * delta
+            count += 1
+        merged[key] = w
+    return merged, count
+
+
 def lora_key_count(path: PathLike, part: Optional[str] = None) -> int:
     """Number of LoRA modules (lora_down/lora_up pairs) in a file; ``part`` = "unet" or "te"."""
     from safetensors import safe_open
@@ -628,6 +645,6 @@ def sd15_conditioning(batch: int = 1, seed: int = 0, tokens: int = 77) -> list:
 __all__ = [
     "DEFAULT_COMFYUI_ROOT", "DEFAULT_MODEL_CACHE", "FACTORY_VERSION", "LAYOUTS",
     "prepare_comfy_import", "cache_path", "sd15_unet_config",
-    "build_sd15_checkpoint", "build_sd15_lora", "lora_key_count", "build_sd15_controlnet",
+    "build_sd15_checkpoint", "build_sd15_lora", "merge_lora", "lora_key_count", "build_sd15_controlnet",
     "build_sdxl_model", "build_sdxl_checkpoint", "build_sd21_checkpoint", "sdxl_tokenizer", "sdxl_conditioning", "sd15_conditioning",
 ]
