@@ -24,7 +24,8 @@ resets VmHWM to the current RSS; GPU: torch.cuda.reset_peak_memory_stats) and th
 starts. Peak memory is reported absolute and as the increase over that loaded-model baseline. A
 components run measures, inside one guidance step, a cond-only UNet forward (batch 1, no grad),
 a full guidance pass (forward + gradient w.r.t. the latent) and the lean pass (forward stopped
-after the last recorded layer), and whether their gradients are bitwise equal.
+after the last recorded layer), and whether their gradients are bitwise equal; all on the kernels the
+pack picks (attention/cpu_convolutions.py), and the lean pass again with CPU convolutions on oneDNN.
 
   python benchmarks/bench_overhead.py                       # CPU: 50 steps, 25 guided (0 to 0.5), 256 px
   python benchmarks/bench_overhead.py --steps 4 --guidance-end 0.5 --size 64 --reps 1 --name smoke
@@ -240,7 +241,8 @@ def components_worker(a) -> dict:
         guidance = hosts.pack_module("attention.guidance")
         stats = _instrument(hosts)  # the run's GuidancePasses, whose lean switch each timed pass sets
         host.run(_graph(a, "comfy_astar", WARMUP_SIZE, 1, 1.0, seed=SEED + 1))
-        times = {"forward_cond_nograd": [], "guidance_pass_full": [], "guidance_pass_lean": []}
+        times = {"forward_cond_nograd": [], "guidance_pass_full": [], "guidance_pass_lean": [],
+                 "guidance_pass_lean_onednn": []}
         grads = {}
         real_step = guided.guided_step
 
@@ -277,6 +279,12 @@ def components_worker(a) -> dict:
                 times["guidance_pass_full"].append(t)
                 t, grads["lean"] = one(z, maps_fn, prev_masks, config, True, True)
                 times["guidance_pass_lean"].append(t)
+                # the lean pass with CPU convolutions on oneDNN, as before attention/cpu_convolutions.py
+                direct, torch.backends.mkldnn.enabled = torch.backends.mkldnn.enabled, True
+                try:
+                    times["guidance_pass_lean_onednn"].append(one(z, maps_fn, prev_masks, config, True, True)[0])
+                finally:
+                    torch.backends.mkldnn.enabled = direct
             return real_step(z, maps_fn, step_size, prev_masks, config, **kw)
 
         guided.guided_step = spy
@@ -495,7 +503,9 @@ def table(summary: dict, components: dict | None, a) -> str:
         lines.append(f"guidance pass at {a.size} px: forward (cond, batch 1, no grad) {m['forward_cond_nograd']:.2f} s; "
                      f"full pass {m['guidance_pass_full']:.2f} s = {components['full_pass_in_forwards']:.2f} forwards; "
                      f"lean pass {m['guidance_pass_lean']:.2f} s = {components['lean_pass_in_forwards']:.2f} forwards; "
-                     f"gradients bitwise equal: {components['gradients_bitwise_equal']}")
+                     f"gradients bitwise equal: {components['gradients_bitwise_equal']}"
+                     + (f"; lean pass on oneDNN {m['guidance_pass_lean_onednn']:.2f} s"
+                        if "guidance_pass_lean_onednn" in m else ""))
     return "\n".join(lines)
 
 

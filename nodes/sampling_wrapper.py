@@ -22,6 +22,7 @@ import comfy.patcher_extension
 import comfy.samplers
 
 from ..attention.capture import GuidancePasses, RunCapture
+from ..attention.cpu_convolutions import direct_cpu_convolutions, use_direct_kernel
 from ..attention.guidance import GuidanceConfig, guided_step
 from ..attention.maps import gaussian_smooth, resize_mask
 from ..attention.recording import AttentionRecording
@@ -287,7 +288,10 @@ class _GuidedRun:
             alpha = step_size_at(config.scale, position, self.n_steps) / c_in ** 2
             # only where a gradient is taken: at step size 0 a single-pass call is the stock call
             moves = alpha > 0 and config.moves
-            with gradient_to_input(networks) if moves else contextlib.nullcontext():
+            compute_dtype = model.manual_cast_dtype or model.get_dtype()
+            # a separate pass may run on faster CPU kernels; a single pass is the sampler's own call: stock
+            direct = not single and use_direct_kernel(x, compute_dtype)
+            with gradient_to_input(networks) if moves else contextlib.nullcontext(), direct_cpu_convolutions(direct):
                 result = guided_step(x, maps_fn, alpha, self.masks,
                                      config, refine_threshold=threshold, layout_masks=self._layout(x.shape[-2:]),
                                      check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
