@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 import comfy.ldm.modules.attention as comfy_attention
-from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, UNetModel, Upsample
 
 from ..attention.capture import StopForward
 from ..attention.maps import downsample_level, head_mean_probs
@@ -26,19 +26,38 @@ def require_cross_attention_unet(model_patcher) -> UNetModel:
     return unet
 
 
-def cross_attention_keys(model_patcher) -> list[tuple[str, int, int]]:
-    """(block, block_id, transformer_index) of every text cross-attention layer of the UNet."""
+def cross_attention_layers(model_patcher) -> list[tuple[tuple[str, int, int], int]]:
+    """((block, block_id, transformer_index), depth) of every text cross-attention layer of the UNet, in
+    the order its forward runs them; depth = the Downsample layers the input has passed at that layer,
+    minus the Upsample layers passed since the middle block."""
     unet = require_cross_attention_unet(model_patcher)
     blocks = [("input", i, b) for i, b in enumerate(unet.input_blocks)]
     if unet.middle_block is not None:
         blocks.append(("middle", 0, unet.middle_block))
     blocks += [("output", i, b) for i, b in enumerate(unet.output_blocks)]
-    keys = []
+    layers, depth = [], 0
     for name, block_id, block in blocks:
         for layer in block:
-            if isinstance(layer, comfy_attention.SpatialTransformer):
-                keys += [(name, block_id, i) for i in range(len(layer.transformer_blocks))]
-    return keys
+            if isinstance(layer, Downsample):
+                depth += 1
+            elif isinstance(layer, Upsample):
+                depth -= 1
+            elif isinstance(layer, comfy_attention.SpatialTransformer):
+                layers += [((name, block_id, i), depth) for i in range(len(layer.transformer_blocks))]
+    return layers
+
+
+def cross_attention_keys(model_patcher) -> list[tuple[str, int, int]]:
+    """(block, block_id, transformer_index) of every text cross-attention layer of the UNet."""
+    return [key for key, _ in cross_attention_layers(model_patcher)]
+
+
+def layer_depths(model_patcher) -> list[tuple[tuple[str, int, int], int]] | None:
+    """cross_attention_layers, or None for a UNet that also resamples in its ResBlocks (resblock_updown),
+    whose depths the Downsample count does not give: its guidance passes learn their layers from a full pass."""
+    if any(getattr(m, "updown", False) for m in require_cross_attention_unet(model_patcher).modules()):
+        return None
+    return cross_attention_layers(model_patcher)
 
 
 def step_of(extra_options) -> int | None:

@@ -10,7 +10,7 @@ from ..attention.guidance import GuidanceConfig
 from ..attention.recording import RecordedRuns
 from ..attention.schedule import AE_REFINEMENT_POINTS, parse_thresholds
 from ..attention.tokens import parse_concepts
-from .attention_patch import add_capture_patches
+from .attention_patch import add_capture_patches, layer_depths
 from .joint_attention import DEFAULT_BLOCKS, add_joint_attention_hook
 from .joint_tokens import joint_token_layout
 from .model_family import UNET, model_family
@@ -142,7 +142,7 @@ def build_guidance(model, concepts, attention_resolution, positive=None, mode="a
     patched = model.clone()
     if family == UNET:
         add_capture_patches(patched)
-        reader = {"level": RESOLUTIONS[attention_resolution]}
+        reader = {"level": RESOLUTIONS[attention_resolution], "layer_depths": layer_depths(patched)}
     else:
         add_joint_attention_hook(patched, joint_blocks.strip() or None)
         reader = {"patch_size": int(patched.model.diffusion_model.patch_size)}

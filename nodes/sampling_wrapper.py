@@ -24,7 +24,7 @@ import comfy.samplers
 from ..attention.capture import GuidancePasses, RunCapture
 from ..attention.cpu_convolutions import direct_cpu_convolutions, use_direct_kernel
 from ..attention.guidance import GuidanceConfig, guided_step
-from ..attention.maps import gaussian_smooth, resize_mask
+from ..attention.maps import downsample_level, gaussian_smooth, resize_mask
 from ..attention.recording import AttentionRecording
 from ..attention.saved_tensors import saved_tensor_policy
 from ..attention.schedule import in_window, refinement_threshold, schedule_position, step_size_at
@@ -65,11 +65,14 @@ class AStarSampling:
     run's call (a _GuidedRun). Each run appends its AttentionRecording to `recordings`.
 
     family: "unet" (maps from the cross-attention layers `level` downsamplings below the latent) or
-    "flux" / "sd3" (maps from joint attention, on the grid of patch_size x patch_size latent patches)."""
+    "flux" / "sd3" (maps from joint attention, on the grid of patch_size x patch_size latent patches).
+    layer_depths: a UNet's [(layer key, depth)] in forward order (attention_patch.cross_attention_layers),
+    from which each run's first guidance pass knows where to stop."""
 
     def __init__(self, specs: list[ConceptSpec], config: GuidanceConfig, recordings: list, family: str = UNET,
                  level: int | None = None, patch_size: int | None = None,
-                 layout_masks: torch.Tensor | None = None, lean: bool = True, single_pass: bool = False):
+                 layout_masks: torch.Tensor | None = None, lean: bool = True, single_pass: bool = False,
+                 layer_depths: list | None = None):
         self.specs = specs
         self.config = config
         self.recordings = recordings
@@ -83,12 +86,21 @@ class AStarSampling:
         # latent size -> the read layers a full guidance pass found, so later runs start lean (a wrong
         # entry only costs one full pass: a pass that records other layers runs in full and re-learns)
         self.learned_layers: dict[tuple, tuple] = {}
+        self.layer_depths = layer_depths or []
 
     def map_size(self, latent_hw) -> tuple[int, int]:
         """(h, w) of the concept maps for a latent of latent_hw."""
         if self.family == UNET:
             return map_size(latent_hw, self.level)
         return tuple(math.ceil(s / self.patch_size) for s in latent_hw)
+
+    def planned_layers(self, latent_hw) -> tuple | None:
+        """The layers a pass on a latent of latent_hw reads, in order, known from the UNet's structure: those
+        whose activations (each downsampling rounds the size up) the patch's size rule puts at `level`.
+        None for joint-attention models: their first pass runs in full and learns them."""
+        planned = tuple(key for key, depth in self.layer_depths
+                        if downsample_level(latent_hw, map_size(latent_hw, depth)) == self.level)
+        return planned or None
 
     def read_failure(self) -> str:
         if self.family == UNET:
@@ -283,7 +295,7 @@ class _GuidedRun:
 
             size = tuple(x.shape[-2:])
             if self.passes.layers is None:
-                self.passes.layers = self.owner.learned_layers.get(size)
+                self.passes.layers = self.owner.learned_layers.get(size) or self.owner.planned_layers(size)
             threshold = refinement_threshold(position, self.previous_position, self.n_steps, config.refine_points)
             alpha = step_size_at(config.scale, position, self.n_steps) / c_in ** 2
             # only where a gradient is taken: at step size 0 a single-pass call is the stock call

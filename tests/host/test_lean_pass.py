@@ -92,6 +92,55 @@ def test_truncated_pass_is_exact(host, request, spies, which):
         assert run.full_passes == 2 and run.lean_passes == 4, (run.full_passes, run.lean_passes)
 
 
+@pytest.fixture
+def owners(monkeypatch):
+    """Every AStarSampling the nodes build, and every GuidancePasses of their runs."""
+    inputs = hosts.pack_module("nodes.guidance_inputs")
+    guided = hosts.pack_module("nodes.sampling_wrapper")
+    capture = hosts.pack_module("attention.capture")
+    built, passes = [], []
+
+    class Sampling(inputs.AStarSampling):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            built.append(self)
+
+    class Passes(capture.GuidancePasses):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            passes.append(self)
+
+    monkeypatch.setattr(inputs, "AStarSampling", Sampling)
+    monkeypatch.setattr(guided, "GuidancePasses", Passes)
+    return built, passes
+
+
+# (pixels, latent side): even, and odd sides whose activations the UNet rounds up (17 -> 9 -> 5 -> 3)
+@pytest.mark.parametrize("which, size", [("mini", 64), ("mini", 72), ("full", 128), ("full", 136), ("full", 200)])
+def test_planned_layers_are_those_a_full_pass_reads(host, request, owners, monkeypatch, which, size):
+    """The layers known from the UNet's structure, where a run's first pass stops, are exactly those a
+    full pass records at that latent size; a fresh run then runs no full pass at all."""
+    ckpt = request.getfixturevalue(f"{which}_ckpt")
+    built, passes = owners
+    capture = hosts.pack_module("attention.capture")
+    kw = dict(SETTINGS[which], size=size, steps=2, guided_steps=2, seed=7)
+    real_init = capture.GuidancePasses.__init__
+    monkeypatch.setattr(capture.GuidancePasses, "__init__", lambda self, *a, **k: real_init(self, *a, **{**k, "lean": False}))
+    run_sampler(host, ckpt, fresh=True, **kw)
+    (full,) = passes
+    assert full.full_passes == 2 and full.lean_passes == 0
+    learned = full.layers
+    latent = (size // 8, size // 8)
+    assert built[-1].planned_layers(latent) == learned, (built[-1].planned_layers(latent), learned)
+    if size == SETTINGS[which]["size"]:
+        assert learned == EXPECTED_LAYERS[which]
+    monkeypatch.setattr(capture.GuidancePasses, "__init__", real_init)
+    passes.clear()
+    run_sampler(host, ckpt, fresh=True, **{**kw, "seed": 8})
+    (lean,) = passes
+    assert lean.full_passes == 0 and lean.lean_passes == 2 and lean.layers == learned
+
+
 @pytest.mark.parametrize("which", ["mini", "full"])
 def test_truncation_leaves_the_sampled_latent_unchanged(host, request, monkeypatch, which):
     """End to end: the same graph with every guidance pass in full and with lean passes (refinement on,
