@@ -144,8 +144,8 @@ def build_guidance(model, concepts, attention_resolution, positive=None, mode="a
         add_capture_patches(patched)
         reader = {"level": RESOLUTIONS[attention_resolution], "layer_depths": layer_depths(patched)}
     else:
-        add_joint_attention_hook(patched, joint_blocks.strip() or None)
-        reader = {"patch_size": int(patched.model.diffusion_model.patch_size)}
+        blocks = add_joint_attention_hook(patched, joint_blocks.strip() or None)
+        reader = {"patch_size": int(patched.model.diffusion_model.patch_size), "blocks": blocks}
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY,
                                  AStarSampling(specs, config, runs, family=family, layout_masks=layout_masks,
                                                single_pass=single_pass, **reader))

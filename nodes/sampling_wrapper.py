@@ -66,13 +66,14 @@ class AStarSampling:
 
     family: "unet" (maps from the cross-attention layers `level` downsamplings below the latent) or
     "flux" / "sd3" (maps from joint attention, on the grid of patch_size x patch_size latent patches).
-    layer_depths: a UNet's [(layer key, depth)] in forward order (attention_patch.cross_attention_layers),
-    from which each run's first guidance pass knows where to stop."""
+    Where each run's first guidance pass may stop: a UNet's [(layer key, depth)] in forward order
+    (layer_depths, from attention_patch.layer_depths), or a joint model's read blocks in forward order
+    (blocks, from add_joint_attention_hook)."""
 
     def __init__(self, specs: list[ConceptSpec], config: GuidanceConfig, recordings: list, family: str = UNET,
                  level: int | None = None, patch_size: int | None = None,
                  layout_masks: torch.Tensor | None = None, lean: bool = True, single_pass: bool = False,
-                 layer_depths: list | None = None):
+                 layer_depths: list | None = None, blocks: tuple | None = None):
         self.specs = specs
         self.config = config
         self.recordings = recordings
@@ -87,6 +88,7 @@ class AStarSampling:
         # entry only costs one full pass: a pass that records other layers runs in full and re-learns)
         self.learned_layers: dict[tuple, tuple] = {}
         self.layer_depths = layer_depths or []
+        self.blocks = tuple(blocks or ())
 
     def map_size(self, latent_hw) -> tuple[int, int]:
         """(h, w) of the concept maps for a latent of latent_hw."""
@@ -96,8 +98,10 @@ class AStarSampling:
 
     def planned_layers(self, latent_hw) -> tuple | None:
         """The layers a pass on a latent of latent_hw reads, in order, known from the UNet's structure: those
-        whose activations (each downsampling rounds the size up) the patch's size rule puts at `level`.
-        None for joint-attention models: their first pass runs in full and learns them."""
+        whose activations (each downsampling rounds the size up) the patch's size rule puts at `level`; a
+        joint model's read blocks, whatever the size. None when not known: the first pass learns them."""
+        if self.family != UNET:
+            return self.blocks or None
         planned = tuple(key for key, depth in self.layer_depths
                         if downsample_level(latent_hw, map_size(latent_hw, depth)) == self.level)
         return planned or None

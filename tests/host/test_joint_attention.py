@@ -279,11 +279,30 @@ class TestFlux:
         _, rec = guided_run(host, guided_graph("flux", steps=2, guided_steps=1, hook=True, capture=name,
                                                mode=mode, step_size=2.0, **one_iteration()))
         check_lowered(rec, 1, f"flux {mode}")
-        # two guidance passes (trace above): the run's first runs in full and learns the read blocks; the
-        # second stops as soon as double block 0's probabilities are recorded, before the attention kernel
-        # (the test override under the hook) is called, so neither it nor single block 0 runs in that pass
-        assert [c for c in counter.calls if c[2]] == [("double", 0, True), ("single", 0, True)], counter.calls
+        # two guidance passes (trace above), both lean, the run's first too (the read blocks are known): each
+        # stops as soon as double block 0's probabilities are recorded, before the attention kernel (the
+        # test override under the hook) is called, so neither it nor single block 0 runs in a guidance pass
+        assert [c for c in counter.calls if c[2]] == [], counter.calls
         assert [c for c in counter.calls if not c[2]] == [("double", 0, False), ("single", 0, False)] * 2
+
+    @pytest.mark.parametrize("blocks", ["", "double:all, single:all"])
+    def test_lean_passes_give_the_latent_of_full_passes(self, host, flux, monkeypatch, blocks):
+        """Every guidance pass stops after the last read block, the run's first included (the blocks are
+        known before it): the sampled latent and the loss trace are bitwise those of full passes."""
+        capture = hosts.pack_module("attention.capture")
+        g = guided_graph("flux", steps=3, guided_steps=2, step_size=2.0, joint_blocks=blocks, **one_iteration())
+        lean_latent, lean_rec = guided_run(host, g)
+
+        class FullPasses(capture.GuidancePasses):
+            def __init__(self, *a, **k):
+                super().__init__(*a, **{**k, "lean": False})
+
+        monkeypatch.setattr(hosts.pack_module("nodes.sampling_wrapper"), "GuidancePasses", FullPasses)
+        out = host.run(g, fresh=True)
+        full_latent, full_rec = out["sampler"][0]["samples"], out["apply"][1][-1]
+        assert torch.equal(lean_latent, full_latent)
+        traces = [[s.trace.tolist() for s in rec.steps if s.trace is not None] for rec in (lean_rec, full_rec)]
+        assert traces[0] == traces[1] and len(traces[0]) == 2, traces
 
     def test_single_pass_guides_from_the_samplers_own_call(self, host, flux):
         """single_pass: no guidance pass of its own; the sampler's call at a guided step runs with gradients
