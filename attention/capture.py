@@ -69,8 +69,8 @@ def _excluded(excluded, n_tokens: int) -> tuple[int, ...]:
 
 class GuidancePasses:
     """The guidance passes of one sampling run, made lean: given the selected layers in the order they
-    run (`layers`: known from a UNet's structure, or learned by a pass that ran in full: the run's first
-    when they are not known), a pass stops the forward right after the last of them (StopForward), so
+    run (`layers`: known from the model's structure, or learned by a pass that ran in full: the run's
+    first when they are not known), a pass stops the forward right after the last of them (StopForward), so
     neither the forward nor the backward touches the layers after it (SD1.5 at 1/32: output blocks 6-11
     and the output convolution). Maps, loss and gradient are
     those of the full pass. A pass whose recorded layers differ from the learned ones (a patch that
