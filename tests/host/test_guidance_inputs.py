@@ -68,11 +68,7 @@ def test_concatenated_context_maps_equal_an_explicit_computation(host, loaded, m
     softmax over those 154 keys, A&E's token softmax over them (chunk starts 0, 77 and the last column
     left out), never a fold of the two halves as if the prompt were repeated."""
     model, clip = loaded
-    # full guidance passes: a lean pass stops before the recorder below sees its last read layer
-    capture = hosts.pack_module("attention.capture")
-    real_init = capture.GuidancePasses.__init__
-    monkeypatch.setattr(capture.GuidancePasses, "__init__",
-                        lambda self, *a, **k: real_init(self, *a, **{**k, "lean": False}))
+    hosts.full_guidance_passes(monkeypatch)  # a lean pass stops before the recorder below sees its last layer
     positive = _encode(clip, PROMPT)
     other = _encode(clip, "a photo of a dog in the rain", astar=False)
     concat = [[torch.cat([positive[0][0], other[0][0]], dim=1), positive[0][1]]]  # as ConditioningConcat does

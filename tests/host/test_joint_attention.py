@@ -74,13 +74,12 @@ def dit(host):
 
 def _release(host, objects, names):
     """Drop one family's models before the next family's are built (the machine is small)."""
-    import gc
     import comfy.model_management
     for name in names:
         objects.pop(name, None)
     host.executor.reset()
     comfy.model_management.unload_all_models()
-    gc.collect()
+    host.collect_garbage()
 
 
 @pytest.fixture(scope="class")
@@ -289,15 +288,9 @@ class TestFlux:
     def test_lean_passes_give_the_latent_of_full_passes(self, host, flux, monkeypatch, blocks):
         """Every guidance pass stops after the last read block, the run's first included (the blocks are
         known before it): the sampled latent and the loss trace are bitwise those of full passes."""
-        capture = hosts.pack_module("attention.capture")
         g = guided_graph("flux", steps=3, guided_steps=2, step_size=2.0, joint_blocks=blocks, **one_iteration())
         lean_latent, lean_rec = guided_run(host, g)
-
-        class FullPasses(capture.GuidancePasses):
-            def __init__(self, *a, **k):
-                super().__init__(*a, **{**k, "lean": False})
-
-        monkeypatch.setattr(hosts.pack_module("nodes.sampling_wrapper"), "GuidancePasses", FullPasses)
+        hosts.full_guidance_passes(monkeypatch)
         out = host.run(g, fresh=True)
         full_latent, full_rec = out["sampler"][0]["samples"], out["apply"][1][-1]
         assert torch.equal(lean_latent, full_latent)

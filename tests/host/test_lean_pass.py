@@ -31,18 +31,36 @@ def run_sampler(host, ckpt, unet_dtype=None, fresh=False, **kw):
 
 
 @pytest.fixture
-def spies(monkeypatch):
-    """Records every GuidancePasses of the runs, and at each guided step the loss and gradient w.r.t.
-    the latent of a full pass and of a lean pass from the same latent (then guides as usual)."""
+def owners(monkeypatch):
+    """Every AStarSampling the nodes build, and every GuidancePasses of their runs."""
+    inputs = hosts.pack_module("nodes.guidance_inputs")
     guided = hosts.pack_module("nodes.sampling_wrapper")
     capture = hosts.pack_module("attention.capture")
-    guidance = hosts.pack_module("attention.guidance")
-    passes, steps = [], []
+    built, passes = [], []
+
+    class Sampling(inputs.AStarSampling):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            built.append(self)
 
     class Passes(capture.GuidancePasses):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             passes.append(self)
+
+    monkeypatch.setattr(inputs, "AStarSampling", Sampling)
+    monkeypatch.setattr(guided, "GuidancePasses", Passes)
+    return built, passes
+
+
+@pytest.fixture
+def spies(monkeypatch, owners):
+    """Records every GuidancePasses of the runs (owners), and at each guided step the loss and gradient
+    w.r.t. the latent of a full pass and of a lean pass from the same latent (then guides as usual)."""
+    guided = hosts.pack_module("nodes.sampling_wrapper")
+    guidance = hosts.pack_module("attention.guidance")
+    _, passes = owners
+    steps = []
 
     real_guided_step = guided.guided_step
 
@@ -64,7 +82,6 @@ def spies(monkeypatch):
         steps.append({"step": len(steps), "full": full, "lean": lean})
         return real_guided_step(z, maps_fn, step_size, prev_masks, config, **kw)
 
-    monkeypatch.setattr(guided, "GuidancePasses", Passes)
     monkeypatch.setattr(guided, "guided_step", spy)
     return passes, steps
 
@@ -92,29 +109,6 @@ def test_truncated_pass_is_exact(host, request, spies, which):
         assert run.full_passes == 2 and run.lean_passes == 4, (run.full_passes, run.lean_passes)
 
 
-@pytest.fixture
-def owners(monkeypatch):
-    """Every AStarSampling the nodes build, and every GuidancePasses of their runs."""
-    inputs = hosts.pack_module("nodes.guidance_inputs")
-    guided = hosts.pack_module("nodes.sampling_wrapper")
-    capture = hosts.pack_module("attention.capture")
-    built, passes = [], []
-
-    class Sampling(inputs.AStarSampling):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            built.append(self)
-
-    class Passes(capture.GuidancePasses):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            passes.append(self)
-
-    monkeypatch.setattr(inputs, "AStarSampling", Sampling)
-    monkeypatch.setattr(guided, "GuidancePasses", Passes)
-    return built, passes
-
-
 # (pixels, latent side): even, and odd sides whose activations the UNet rounds up (17 -> 9 -> 5 -> 3)
 @pytest.mark.parametrize("which, size", [("mini", 64), ("mini", 72), ("full", 128), ("full", 136), ("full", 200)])
 def test_planned_layers_are_those_a_full_pass_reads(host, request, owners, monkeypatch, which, size):
@@ -122,11 +116,10 @@ def test_planned_layers_are_those_a_full_pass_reads(host, request, owners, monke
     full pass records at that latent size; a fresh run then runs no full pass at all."""
     ckpt = request.getfixturevalue(f"{which}_ckpt")
     built, passes = owners
-    capture = hosts.pack_module("attention.capture")
     kw = dict(SETTINGS[which], size=size, steps=2, guided_steps=2, seed=7)
-    real_init = capture.GuidancePasses.__init__
-    monkeypatch.setattr(capture.GuidancePasses, "__init__", lambda self, *a, **k: real_init(self, *a, **{**k, "lean": False}))
-    run_sampler(host, ckpt, fresh=True, **kw)
+    with monkeypatch.context() as full:
+        hosts.full_guidance_passes(full)
+        run_sampler(host, ckpt, fresh=True, **kw)
     (full,) = passes
     assert full.full_passes == 2 and full.lean_passes == 0
     learned = full.layers
@@ -134,7 +127,6 @@ def test_planned_layers_are_those_a_full_pass_reads(host, request, owners, monke
     assert built[-1].planned_layers(latent) == learned, (built[-1].planned_layers(latent), learned)
     if size == SETTINGS[which]["size"]:
         assert learned == EXPECTED_LAYERS[which]
-    monkeypatch.setattr(capture.GuidancePasses, "__init__", real_init)
     passes.clear()
     run_sampler(host, ckpt, fresh=True, **{**kw, "seed": 8})
     (lean,) = passes
@@ -146,16 +138,9 @@ def test_truncation_leaves_the_sampled_latent_unchanged(host, request, monkeypat
     """End to end: the same graph with every guidance pass in full and with lean passes (refinement on,
     so several passes per step) gives the same latent and the same loss trace."""
     ckpt = request.getfixturevalue(f"{which}_ckpt")
-    capture = hosts.pack_module("attention.capture")
-    wrapper = hosts.pack_module("nodes.sampling_wrapper")
     kw = dict(SETTINGS[which], steps=3, guided_steps=2, seed=5, refine="on", refine_thresholds="0:1.0",
               max_refine_iters=2)
-
-    class FullPasses(capture.GuidancePasses):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **{**k, "lean": False})
-
-    monkeypatch.setattr(wrapper, "GuidancePasses", FullPasses)
+    hosts.full_guidance_passes(monkeypatch)
     full_latent, full_rec = run_sampler(host, ckpt, fresh=True, **kw)
     monkeypatch.undo()
     lean_latent, lean_rec = run_sampler(host, ckpt, fresh=True, **kw)  # not ComfyUI's cached result

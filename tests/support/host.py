@@ -3,6 +3,7 @@ under torch.inference_mode as users run them) and a server subprocess (main.py -
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import json
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 
 PACK_DIR = Path(__file__).resolve().parents[2]
 PACK_MODULE = "astar_pack"
+GC_INTERVAL_S = 10.0  # ComfyUI's main.py collects at most this often after a prompt
 DEFAULT_HOME = Path(os.environ.get("ASTAR_HOME", Path.home() / ".cache" / "astar-comfyui"))
 
 
@@ -109,6 +111,7 @@ class InProcessHost:
         self.executor = execution.PromptExecutor(_NoServer(), cache_type=execution.CacheType.CLASSIC,
                                                  cache_args={"lru": 0, "ram": 0})
         self.pack = sys.modules[[m for m in sys.modules if m.endswith(PACK_MODULE)][0]]
+        self.last_collect = time.monotonic()
 
     def run(self, prompt: dict, fresh: bool = False) -> dict:
         """Validate and execute an API-format prompt; returns {node_id: outputs tuple} of every node.
@@ -116,6 +119,7 @@ class InProcessHost:
         node runs again (a test comparing two runs of one graph under different settings needs it)."""
         if fresh:
             self.executor.reset()
+            self.collect_garbage()  # the old models go before the new ones load
         pid = str(uuid.uuid4())
         valid = asyncio.run(self.execution.validate_prompt(pid, prompt, None))
         if not valid[0]:
@@ -125,12 +129,23 @@ class InProcessHost:
             errors = [d for ev, d in self.executor.status_messages if ev == "execution_error"]
             msg = errors[0].get("exception_message", "") if errors else "execution failed"
             raise GraphError(msg, errors[0] if errors else {})
+        if time.monotonic() - self.last_collect > GC_INTERVAL_S:
+            self.collect_garbage()
         out = {}
         for nid in prompt:
             entry = self.cached_output(nid)
             if entry is not None:
                 out[nid] = [v[0] if isinstance(v, list) and len(v) == 1 else v for v in entry.outputs]
         return out
+
+    def collect_garbage(self):
+        """What ComfyUI's prompt worker does between prompts. The executor's caches hold reference cycles
+        (stock graphs too), so a dropped model is freed only by a collection; without one, fresh runs of
+        the exact-layout models piled up copies until the test process was killed for memory."""
+        import comfy.model_management
+        gc.collect()
+        comfy.model_management.soft_empty_cache()
+        self.last_collect = time.monotonic()
 
     def cached_output(self, node_id: str):
         """The output cache's entry of a node (None when it has none). The cache's `get` is a plain
@@ -250,6 +265,15 @@ def pack_module(name: str):
     import importlib
     root = next(m for m in sys.modules if m.endswith(PACK_MODULE))  # ComfyUI names it by its path
     return importlib.import_module(f"{root}.{name}")
+
+
+def full_guidance_passes(monkeypatch) -> None:
+    """Every guidance pass of the runs that follow runs the whole model (GuidancePasses with lean=False),
+    for tests that compare with full passes or watch layers after the last read one."""
+    capture = pack_module("attention.capture")
+    lean_init = capture.GuidancePasses.__init__
+    monkeypatch.setattr(capture.GuidancePasses, "__init__",
+                        lambda self, *a, **k: lean_init(self, *a, **{**k, "lean": False}))
 
 
 class Attn2ReplaceNode:
