@@ -88,17 +88,23 @@ def test_every_guidable_sampler_is_guided_at_each_guided_step(host, mini_ckpt):
     assert not failures, "\n".join(failures)
 
 
-def test_one_progress_bar_for_the_whole_run(host, mini_ckpt):
-    """The sampler's own progress reports, once per step, 1..n of n (previews ride on them)."""
+def test_one_progress_bar_for_the_whole_run(host, mini_ckpt, monkeypatch):
+    """The sampler's own progress bar, one for the whole run, updated once per step, 1..n of n (previews
+    ride on those updates). Read at ProgressBar.update_absolute: ComfyUI 0.19 throttles what reaches
+    the hook."""
     import comfy.utils
-    seen = []
-    previous = comfy.utils.PROGRESS_BAR_HOOK
-    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview=None, node_id=None, **kw: seen.append((value, total)))
-    try:
-        for name in ("euler", "heun", "dpmpp_2m_sde"):
-            seen.clear()
-            host.run(_graph(mini_ckpt, name, step_size=20.0), fresh=True)
-            sampler_reports = [(v, t) for v, t in seen if t == STEPS]
-            assert sampler_reports == [(i, STEPS) for i in range(1, STEPS + 1)], (name, seen)
-    finally:
-        comfy.utils.set_progress_bar_global_hook(previous)
+    updates = []  # (bar, value, total)
+    real_update = comfy.utils.ProgressBar.update_absolute
+
+    def update(bar, value, total=None, preview=None, **kw):
+        updates.append((bar, value, total if total is not None else bar.total))
+        return real_update(bar, value, total, preview, **kw)
+
+    monkeypatch.setattr(comfy.utils.ProgressBar, "update_absolute", update)
+    for name in ("euler", "heun", "dpmpp_2m_sde"):
+        updates.clear()
+        host.run(_graph(mini_ckpt, name, step_size=20.0), fresh=True)
+        sampler_bars = {id(bar) for bar, _, total in updates if total == STEPS}
+        assert len(sampler_bars) == 1, (name, len(sampler_bars))
+        reports = [(value, total) for _, value, total in updates if total == STEPS]
+        assert reports == [(i, STEPS) for i in range(1, STEPS + 1)], (name, reports)
