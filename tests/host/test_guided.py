@@ -219,11 +219,10 @@ def test_sdxl_concepts_map_through_both_encoders_and_a_guided_step_lowers_the_lo
     try:
         _guided_sdxl_step(sampler, prompt, pt, model)
     finally:  # 5 GB: free it for the rest of the session
-        import gc
         import comfy.model_management
         del model
         comfy.model_management.unload_all_models()
-        gc.collect()
+        host.collect_garbage()
 
 
 def _guided_sdxl_step(sampler, prompt, pt, model):
