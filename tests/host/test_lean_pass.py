@@ -176,3 +176,33 @@ def test_cast_weights_are_recast_not_kept(host, mini_ckpt, monkeypatch):
         # fp32 casts of the weights of every layer up to the last read one; the activations kept at
         # 64 px are far smaller than those weights
         assert stats.recast_count > 50 and stats.recast_bytes > 4 * stats.kept_bytes, stats
+
+
+class _RecordCalls(hosts.Attn2ReplaceNode):
+    """Test-only node: an attn2 replace on every cross-attention layer that records (layer, batch order)
+    of each call and computes ComfyUI's attention; applied before the pack's patch, which chains to it."""
+
+    calls: list = []
+
+    def replace(self, q, k, v, extra, **kwargs):
+        import comfy.ldm.modules.attention as comfy_attention
+        type(self).calls.append(((*extra["block"], extra["block_index"]), list(extra["cond_or_uncond"])))
+        return comfy_attention.optimized_attention(q, k, v, extra["n_heads"])
+
+
+def test_a_chained_replace_is_not_called_at_the_last_read_layer_of_a_lean_pass(host, mini_ckpt):
+    """A lean pass stops inside the last read layer's patch, after taking its maps and before calling the
+    replace it chains to: that replace sees the guidance pass's layers before the last read one, and
+    every layer in the sampler's own calls."""
+    host.nodes.NODE_CLASS_MAPPINGS["AStarTestRecordCalls"] = _RecordCalls
+    g = sd15_graph(mini_ckpt, steps=2, guided_steps=1, seed=4, **SETTINGS["mini"])
+    g["record"] = {"class_type": "AStarTestRecordCalls", "inputs": {"model": ["ckpt", 0]}}
+    g["sampler"]["inputs"]["model"] = ["record", 0]
+    _RecordCalls.calls = []
+    host.run(g, fresh=True)
+    sampling = [key for key, order in _RecordCalls.calls if sorted(order) == [0, 1]]  # cond + uncond batch
+    guidance = [key for key, order in _RecordCalls.calls if order == [0]]  # the guidance pass: cond only
+    every_layer = list(dict.fromkeys(sampling))  # in the order one forward runs them
+    assert sampling == every_layer * 2  # two steps, every layer each
+    last_read = EXPECTED_LAYERS["mini"][-1]
+    assert guidance == every_layer[:every_layer.index(last_read)], (guidance, every_layer)
