@@ -4,6 +4,10 @@ The folder is a ComfyUI custom-node pack: clone it into ComfyUI/custom_nodes/ un
 ComfyUI is imported only when ComfyUI asks for the nodes, so tools (pytest) can walk this folder.
 """
 
+# Served by ComfyUI under /extensions/<this folder's name>/: the help panel reads docs/<NodeId>.md there
+# (docs/<NodeId>/<lang>.md for a translation). No JavaScript lives there.
+WEB_DIRECTORY = "./web"
+
 
 async def comfy_entrypoint():
     from .nodes.extension import AStarExtension

@@ -5,7 +5,7 @@ from the page produces images the page shows. Screenshots go to test-artifacts/ 
 
 A missing tool is not a failure of the pack: without Python playwright or a Chromium binary the
 page tests are skipped with the reason (the template-serving test needs neither and always runs).
-With COMFYUI_ROOT set, tools/setup.sh is skipped, so install them yourself (README, Compatibility)."""
+With COMFYUI_ROOT set, tools/setup.sh is skipped, so install them yourself (docs/compatibility.md)."""
 from __future__ import annotations
 
 import json
@@ -286,3 +286,80 @@ def test_queue_from_the_page(page, server, object_info, mini_ckpt):
         arg=[main_save, filename, len(save_ids)], timeout=30_000)
     assert not page.errors_since(start)
     page.screenshot("astar_sd15_queued_result")
+
+
+HELP_DIR = hosts.PACK_DIR / "web" / "docs"
+LOCALE_SETTING = "Comfy.Locale"
+
+
+def _open_help(page: Page, node_type: str) -> None:
+    """As a user does: click the node's title on the canvas, then the selection toolbox's info button."""
+    x, y = page.page.evaluate("""(t) => {
+        const n = window.app.graph.nodes.find(n => n.type === t), c = window.app.canvas;
+        c.ds.scale = 1; c.ds.offset = [-n.pos[0] + 500, -n.pos[1] + 300]; c.setDirty(true, true);
+        const r = c.canvas.getBoundingClientRect();
+        return [r.left + 500 + 60, r.top + 300 - window.LiteGraph.NODE_TITLE_HEIGHT / 2];
+    }""", node_type)
+    page.page.wait_for_timeout(300)
+    page.page.mouse.click(x, y)
+    page.page.locator('[data-testid="info-button"]').first.click(timeout=30_000)
+
+
+def _wait_for_help(page: Page, sentence: str, picture: str) -> None:
+    """The panel shows the page's text and its picture, loaded from the pack's web directory."""
+    page.page.wait_for_function(
+        "([s, p]) => document.body.innerText.includes(s) && Array.from(document.querySelectorAll('img')).some("
+        "i => i.src.endsWith('/docs/' + p) && i.src.includes('/extensions/') && i.complete && i.naturalWidth > 0)",
+        arg=[sentence, picture], timeout=30_000)
+
+
+def test_help_page_opens_in_the_help_panel(page):
+    """A-STAR Apply's info button shows its help page (web/docs/AStarApply.md) with its picture."""
+    workflow = json.loads((EXAMPLES_DIR / "astar_apply_ksampler_advanced.json").read_text(encoding="utf-8"))
+    page.load(workflow, "astar_apply_help")
+    text = (HELP_DIR / "AStarApply.md").read_text(encoding="utf-8")
+    assert "Typical graph: Load Checkpoint" in text and "images/AStarApply.jpg" in text
+    _open_help(page, "AStarApply")
+    _wait_for_help(page, "Typical graph: Load Checkpoint", "images/AStarApply.jpg")
+    page.screenshot("help_panel_AStarApply", fit=False)
+
+
+def frontend_keeps_custom_translations() -> bool:
+    """Whether the served frontend merges the custom nodes' /i18n translations again after it loads a
+    locale's own messages (frontend 1.42 does, in mergeCustomNodesI18n; 1.32.9, which ComfyUI 0.3.75 ships,
+    replaces them when it loads Chinese, so its pages show the pack's English names)."""
+    try:
+        import comfyui_frontend_package
+    except ImportError:
+        return True
+    assets = Path(comfyui_frontend_package.__file__).parent / "static" / "assets"
+    return any("mergeCustomNodesI18n" in p.read_text(encoding="utf-8", errors="ignore") for p in assets.glob("*.js"))
+
+
+def test_chinese_help_page_and_node_title(browser, server):
+    """With the frontend's language set to Chinese the help panel shows the Chinese page
+    (web/docs/AStarApply/zh.md) and a new A-STAR KSampler is titled with its Chinese name."""
+    settings = server.get("/settings")
+    status, _ = server.post(f"/settings/{LOCALE_SETTING}", "zh")
+    assert status == 200
+    try:
+        zh = Page(browser, server)
+        try:
+            workflow = json.loads((EXAMPLES_DIR / "astar_apply_ksampler_advanced.json").read_text(encoding="utf-8"))
+            zh.load(workflow, "astar_apply_help_zh")
+            assert "典型连接" in (HELP_DIR / "AStarApply" / "zh.md").read_text(encoding="utf-8")
+            _open_help(zh, "AStarApply")
+            _wait_for_help(zh, "典型连接", "images/AStarApply.jpg")
+            zh.screenshot("help_panel_AStarApply_zh", fit=False)
+            title = zh.page.evaluate("() => window.LiteGraph.createNode('AStarKSampler').title")
+            expected = json.loads((hosts.PACK_DIR / "locales" / "zh" / "nodeDefs.json").read_text(
+                encoding="utf-8"))["AStarKSampler"]["display_name"]
+            if not frontend_keeps_custom_translations():
+                assert title == "A-STAR KSampler"
+                pytest.xfail("this frontend replaces custom nodes' translations when it loads a locale "
+                             f"(the pack's Chinese names are served by /i18n; the page shows {title!r})")
+            assert title == expected
+        finally:
+            zh.page.close()
+    finally:
+        server.post(f"/settings/{LOCALE_SETTING}", settings.get(LOCALE_SETTING, "en"))
