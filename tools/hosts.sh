@@ -11,6 +11,6 @@ OLDEST_VENV="$ASTAR_HOME/venv"
 # The newest ComfyUI at hand: a source archive beside the checkout (../shared, as CI has it; a user's
 # own clone has none, and its pass is skipped). ASTAR_COMFYUI_ARCHIVE names another copy of it.
 NEWEST_VERSION="0.19.3"
-NEWEST_ARCHIVE="${ASTAR_COMFYUI_ARCHIVE:-$PACK_DIR/../shared/comfyui/ComfyUI-$NEWEST_VERSION.tar.gz}"
+NEWEST_ARCHIVE="${ASTAR_COMFYUI_ARCHIVE:-$(dirname "$PACK_DIR")/shared/comfyui/ComfyUI-$NEWEST_VERSION.tar.gz}"
 NEWEST_ROOT="$ASTAR_HOME/ComfyUI-$NEWEST_VERSION"
 NEWEST_VENV="$ASTAR_HOME/venv-$NEWEST_VERSION"

