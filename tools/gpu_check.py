@@ -924,7 +924,7 @@ def main(argv=None) -> int:
     ap.add_argument("--comfy", nargs="+", default=[], metavar="ROOT",
                     help="ComfyUI roots, oldest first (proofs on each; dynamic VRAM and timings on the last)")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results; dry run: a temp folder)")
-    ap.add_argument("--budget-s", type=float, default=420.0, help="wall time the jobs aim to end within")
+    ap.add_argument("--budget-s", type=float, default=400.0, help="wall time the jobs aim to end within")
     ap.add_argument("--worker", dest="job", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
