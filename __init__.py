@@ -4,6 +4,8 @@ The folder is a ComfyUI custom-node pack: clone it into ComfyUI/custom_nodes/ un
 ComfyUI is imported only when ComfyUI asks for the nodes, so tools (pytest) can walk this folder.
 """
 
+WEB_DIRECTORY = "./web"  # the overlay's report shown in its node (web/overlay_report.js)
+
 
 async def comfy_entrypoint():
     from .nodes.extension import AStarExtension

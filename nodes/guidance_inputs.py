@@ -153,11 +153,15 @@ def build_guidance(model, concepts, attention_resolution, positive=None, mode="a
             raise missing_concepts_error(prompt_tokens_of(positive).text) from None
         specs = []
     try:
+        refine_points = parse_thresholds(refine_thresholds)
+    except ValueError as e:
+        raise ValueError(f"refine_thresholds: {e}") from None
+    try:
         config = GuidanceConfig(
             mode=mode, segregation_weight=segregation_weight, retention_weight=retention_weight,
             start=guidance_start, end=guidance_end, scale=step_size,
             refine=refine == "on" or (refine == "auto" and mode == "attend_excite"),
-            refine_points=parse_thresholds(refine_thresholds), max_refine_iters=max_refine_iters,
+            refine_points=refine_points, max_refine_iters=max_refine_iters,
             binarization=binarization, fraction=mask_fraction, smooth=smoothing)
     except ValueError as e:
         raise in_widget_terms(e) from None

@@ -52,7 +52,8 @@ def test_the_one_command_sweeps_scores_and_reports(two_servers, tiny_models, tmp
     html = (report / "index.html").read_text()
     for m in METHODS:   # the overlay prompt kept its attention overlays, for every method
         extras = store.extras_dir(out, {"method": m, "slug": slug(prompts[0]["prompt"]), "seed": 0})
-        assert any("heatmaps" in p.name for p in extras.iterdir()), m
+        files = sorted(extras.iterdir())  # the overlay's six pictures (two concepts) and its report
+        assert sum(p.suffix == ".png" for p in files) == 6 and any(p.name.endswith("_text.txt") for p in files), m
         assert os.path.relpath(next(extras.iterdir()), report) in html
     assert not store.extras_dir(out, {"method": "astar", "slug": slug(prompts[1]["prompt"]), "seed": 0}).exists()
     # Rerun: nothing to do, nothing rewritten.

@@ -139,6 +139,7 @@ def test_the_encoders_tooltip_names_every_family_it_serves(host):
     ({"guidance_start": 0.8, "guidance_end": 0.2}, "guidance_end (0.2) is before guidance_start (0.8)"),
     ({"mask_fraction": math.nan}, "mask_fraction must be a finite number"),
     ({"segregation_weight": math.nan}, "segregation_weight must be a finite number"),
+    ({"refine_thresholds": "0:0.05, 0.2"}, "refine_thresholds: cannot read '0.2'"),
 ])
 def test_config_errors_name_the_widget(host, mini_ckpt, settings, expected):
     err = run_error(host, graph(mini_ckpt, **settings))
@@ -196,3 +197,13 @@ def test_empty_concepts_on_a_model_patch_stop_the_sampler_before_any_guidance(ho
     assert "The prompt's words: a, red, car, and, Bear." in str(err), str(err)
     assert err.details.get("node_id") == "sampler", err.details
     assert not calls
+
+
+def test_attention_resolution_on_a_joint_model_is_refused_unless_left_at_its_default(host, mini_ckpt, monkeypatch):
+    """attention_resolution does nothing on Flux.1/SD3.5 (they read joint_blocks): another value than its
+    default is refused rather than ignored. The mini UNet stands in for a Flux model here; the check comes
+    before anything of the family is read."""
+    monkeypatch.setattr(hosts.pack_module("nodes.guidance_inputs"), "model_family", lambda model: "flux")
+    err = run_error(host, graph(mini_ckpt, resolution="1/16", seed=1))
+    assert "attention_resolution ('1/16') is for SD1.x/SD2.x/SDXL UNet models" in str(err), str(err)
+    assert "joint_blocks" in str(err) and "1/32" in str(err), str(err)
