@@ -122,11 +122,16 @@ def load_prompts(path: str | Path = DEFAULT_SET) -> list[dict]:
     raise PromptFileError(f"{path}: expected a JSON object of category lists or a list of records")
 
 
+def file_name(text: str) -> str:
+    """A readable file-name form of a text: 'Save Image (heatmaps)' -> 'save_image_heatmaps'."""
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
 def slug(prompt: str) -> str:
     """A file-name form of a prompt, distinct for distinct prompts: 'a red car and a cat' ->
     'a_red_car_and_a_cat'; a prompt that other characters or capitals would map to the same form gets
     a short hash of its exact text ('A red car, and a cat' -> 'a_red_car_and_a_cat-1b2c3d4e')."""
-    plain = re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")
+    plain = file_name(prompt)
     if prompt == plain.replace("_", " "):
         return plain
     return f"{plain}-{hashlib.sha256(prompt.encode()).hexdigest()[:8]}"
