@@ -5,7 +5,7 @@ ComfyUI is imported only when ComfyUI asks for the nodes, so tools (pytest) can 
 """
 
 # Served by ComfyUI under /extensions/<this folder's name>/: the help panel reads docs/<NodeId>.md there
-# (docs/<NodeId>/<lang>.md for a translation). No JavaScript lives there.
+# (docs/<NodeId>/<lang>.md for a translation); overlay_report.js shows the overlay's report in its node.
 WEB_DIRECTORY = "./web"
 
 

@@ -103,7 +103,7 @@ class GuidanceConfig:
         _require_number("start", self.start, 0.0, 1.0)
         _require_number("end", self.end, 0.0, 1.0)
         if self.end < self.start:
-            raise ValueError(f"GuidanceConfig.end ({self.end}) is before start ({self.start}): "
+            raise ValueError(f"GuidanceConfig.end ({self.end}) is before GuidanceConfig.start ({self.start}): "
                              "the guided steps are start*steps <= i < end*steps")
         _require_number("scale", self.scale, 0.0)
         _require_bool("refine", self.refine)

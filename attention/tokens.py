@@ -19,6 +19,10 @@ class ConceptSpec:
         return self.word if self.occurrence == 1 else f"{self.word}#{self.occurrence}"
 
 
+class NoConceptGiven(ValueError):
+    """The concept list names no concept."""
+
+
 _SPEC = re.compile(r"^(?P<word>.*?)(?:#(?P<occ>\d+))?$")
 
 
@@ -26,7 +30,8 @@ def parse_concepts(text: str) -> list[ConceptSpec]:
     """Split "cat, teddy bear, frog#2" into concept specs.
 
     Commas separate concepts; surrounding spaces and punctuation are ignored; case is left to the
-    tokenizer (CLIP lowercases). Raises ValueError for an empty list or a concept listed twice."""
+    tokenizer (CLIP lowercases). Raises NoConceptGiven (a ValueError) for an empty list, ValueError for a
+    concept listed twice."""
     specs = []
     for part in text.split(","):
         m = _SPEC.match(part.strip())
@@ -38,7 +43,7 @@ def parse_concepts(text: str) -> list[ConceptSpec]:
             raise ValueError(f"concept '{part.strip()}': occurrences count from 1 (write {word}#1 for the first)")
         specs.append(ConceptSpec(word, occ))
     if not specs:
-        raise ValueError(
+        raise NoConceptGiven(
             "no concept given: type the words of the prompt to keep apart, separated by commas, "
             "e.g. 'cat, frog'")
     seen = {}

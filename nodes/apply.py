@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .guidance_inputs import (MODEL_TOOLTIP, ORDER_NOTE, build_guidance, concept_inputs, guidance_inputs,
-                              joint_blocks_input)
+from .guidance_inputs import (MODEL_TOOLTIP, ORDER_NOTE, SAMPLERS_NOTE, build_guidance, concept_inputs,
+                              guidance_inputs, joint_blocks_input)
 from .types import AttentionType
+from .widgets import schema
 
 RUNS_TOOLTIP = ("Filled by every sampler run that uses the patched model (the last 8 runs, oldest first), for "
                 "A-STAR Attention Overlay; connect the overlay's image to the image decoded from that sampler, "
@@ -15,15 +16,17 @@ RUNS_TOOLTIP = ("Filled by every sampler run that uses the patched model (the la
 class AStarApply(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="AStarApply",
             display_name="A-STAR Apply",
-            category="sampling/astar",
-            description="Patches a model with A-STAR attention guidance: every sampler node that runs the patched "
+            category="model_patches/astar",
+            search_aliases=["astar", "attend and excite", "attention guidance", "attention segregation",
+                            "missing objects", "multiple objects", "catastrophic neglect"],
+            description="Patches a model with A-STAR attention guidance: a sampler node that runs the patched "
                         "model (KSampler, KSamplerAdvanced, SamplerCustomAdvanced with any guider, other packs' "
                         "samplers) takes gradient steps on the latent at the guided steps, keeping the listed "
                         "concepts' cross-attention apart (segregation) and in place (retention). The positive "
-                        "prompt must come from A-STAR Text Encode. " + ORDER_NOTE,
+                        "prompt must come from A-STAR Text Encode. " + SAMPLERS_NOTE + " " + ORDER_NOTE,
             inputs=[io.Model.Input("model", tooltip=MODEL_TOOLTIP),
                     *guidance_inputs()],
             outputs=[
@@ -41,10 +44,11 @@ class AStarApply(io.ComfyNode):
 class AStarAttentionRecorder(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="AStarAttentionRecorder",
             display_name="A-STAR Attention Recorder",
-            category="sampling/astar",
+            category="model_patches/astar",
+            search_aliases=["astar", "attention map", "cross attention", "record attention", "attention heatmap"],
             description="Records the concepts' cross-attention maps of any sampler run (stock KSampler included), "
                         "without guiding it. The positive prompt must come from A-STAR Text Encode. " + ORDER_NOTE,
             inputs=[io.Model.Input("model", tooltip="The model to record. " + ORDER_NOTE), *concept_inputs(),

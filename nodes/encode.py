@@ -4,20 +4,23 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from .prompt import PROMPT_KEY, PromptTokens
+from .widgets import schema
 
 
 class AStarTextEncode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="AStarTextEncode",
             display_name="A-STAR Text Encode",
-            category="sampling/astar",
+            category="conditioning",
+            search_aliases=["astar", "clip text encode astar", "astar prompt"],
             description="Encodes the positive prompt exactly like CLIP Text Encode, and remembers its "
                         "tokens so A-STAR nodes can find the concept words in it. Use it for the positive "
                         "prompt of A-STAR Apply, A-STAR KSampler and A-STAR Attention Recorder.",
             inputs=[
-                io.Clip.Input("clip", tooltip="The CLIP model that encodes the prompt (SD1.x, SD2.x or SDXL)."),
+                io.Clip.Input("clip", tooltip="The text encoder(s) of the model: SD1.x/SD2.x/SDXL's CLIP, Flux.1's "
+                                              "CLIP-L + T5-XXL, SD3/SD3.5's CLIP-L + CLIP-G + T5-XXL."),
                 io.String.Input("text", multiline=True, dynamic_prompts=True,
                                 tooltip="The positive prompt. Concepts you list in the sampler must be words of it."),
             ],

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import comfy.patcher_extension
 from comfy_api.latest import io
@@ -9,47 +10,66 @@ from comfy_api.latest import io
 from ..attention.guidance import GuidanceConfig
 from ..attention.recording import RecordedRuns
 from ..attention.schedule import AE_REFINEMENT_POINTS, parse_thresholds
-from ..attention.tokens import parse_concepts
+from ..attention.tokens import NoConceptGiven, parse_concepts
 from .attention_patch import add_capture_patches, layer_depths
 from .joint_attention import DEFAULT_BLOCKS, add_joint_attention_hook
 from .joint_tokens import joint_token_layout
 from .model_family import UNET, model_family
-from .prompt import prompt_tokens_of
+from .prompt import missing_concepts_error, prompt_tokens_of
+from .sampler_steps import UNGUIDABLE
 from .sampling_wrapper import WRAPPER_KEY, AStarSampling
+from .widgets import check_options, fold_advanced
 
 RESOLUTIONS = {"1/32": 2, "1/16": 1, "1/8": 0, "1/64": 3}  # of the image side -> UNet downsample level
 ORDER_NOTE = ("Patch order: apply attention-replacing patches (IPAdapter, NAG, ...) BEFORE this node; "
               "A-STAR chains to them. A patch applied after it replaces A-STAR's at the same layers.")
 MODEL_TOOLTIP = "An SD1.x/SD2.x/SDXL, Flux.1 or SD3/SD3.5 model (LoRAs and other patches welcome). " + ORDER_NOTE
+SAMPLERS_NOTE = (f"Every scheduler and every sampler but {', '.join(UNGUIDABLE.values())} (predictor-corrector "
+                 "samplers, refused with an error while guiding; they may record with guidance_end 0).")
 AE_THRESHOLDS_TEXT = ", ".join(f"{p:g}:{t:g}" for p, t in AE_REFINEMENT_POINTS.items())
+DEFAULT_RESOLUTION = "1/32"
+# The widget each GuidanceConfig field comes from, where the names differ: errors name what the user sees.
+CONFIG_WIDGETS = {"start": "guidance_start", "end": "guidance_end", "scale": "step_size",
+                  "refine_points": "refine_thresholds", "fraction": "mask_fraction", "smooth": "smoothing"}
+# Folded away where ComfyUI can (their defaults are the papers'; the other family's input is among them).
+ADVANCED = ("attention_resolution", "joint_blocks", "segregation_weight", "retention_weight", "binarization",
+            "mask_fraction", "smoothing", "refine", "refine_thresholds", "max_refine_iters", "single_pass",
+            "layout_masks")
+
+
+def in_widget_terms(error: ValueError) -> ValueError:
+    """The same error, with each GuidanceConfig field named by its widget."""
+    return ValueError(re.sub(r"GuidanceConfig\.(\w+)", lambda m: CONFIG_WIDGETS.get(m.group(1), m.group(1)),
+                             str(error)))
 
 
 def concept_inputs():
-    return [
-        io.String.Input("concepts", default="cat, frog",
+    return fold_advanced([
+        io.String.Input("concepts", default="", placeholder="words of the prompt, e.g. cat, frog",
                         tooltip="Words of the positive prompt to keep apart and retain, separated by commas "
                                 "(e.g. 'cat, frog' or 'teddy bear, red car'). Multi-token words are summed. "
-                                "The first occurrence is used; 'frog#2' picks the second."),
-        io.Combo.Input("attention_resolution", options=list(RESOLUTIONS), default="1/32",
-                       tooltip="Which cross-attention layers to read, by their size relative to the image side. "
-                               "1/32 is A&E's choice (SD1.5 at 512 px: 16x16, input 7-8 and output 3-5; SDXL: "
-                               "input 7-8, middle, output 0-2). Small UNets may only have 1/16. UNet models "
-                               "only (Flux.1/SD3.5: joint_blocks)."),
-    ]
+                                "The first occurrence is used; 'frog#2' picks the second. Left empty, the run "
+                                "stops with a list of the prompt's words to choose from."),
+        io.Combo.Input("attention_resolution", options=list(RESOLUTIONS), default=DEFAULT_RESOLUTION,
+                       tooltip="SD1.x/SD2.x/SDXL (UNet) models only: which cross-attention layers to read, by "
+                               "their size relative to the image side. 1/32 is A&E's choice (SD1.5 at 512 px: "
+                               "16x16, input 7-8 and output 3-5; SDXL: input 7-8, middle, output 0-2). Small UNets "
+                               "may only have 1/16. Flux.1/SD3.5 read joint_blocks instead: leave this at 1/32."),
+    ], ADVANCED)
 
 
 def joint_blocks_input():
     # optional: API-format prompts saved before this input existed stay valid
-    return io.String.Input(
+    return fold_advanced([io.String.Input(
         "joint_blocks", default="", optional=True,
         tooltip="Flux.1 and SD3/SD3.5 only: the joint-attention blocks whose text attention makes the maps, as "
                 "TYPE:all, TYPE:N or TYPE:A-B items separated by commas. Empty = the default: "
                 f"Flux '{DEFAULT_BLOCKS['flux']}' (every double-stream block), SD3.5 '{DEFAULT_BLOCKS['sd3']}' "
-                "(clipped to the model's blocks). Leave empty for SD1.x/SD2.x/SDXL.")
+                "(clipped to the model's blocks). Leave empty for SD1.x/SD2.x/SDXL.")], ADVANCED)[0]
 
 
 def guidance_inputs():
-    return concept_inputs() + [
+    return concept_inputs() + fold_advanced([
         io.Combo.Input("mode", options=["astar", "attend_excite"], default="astar",
                        tooltip="astar: segregation + retention losses (A-STAR, ICCV 2023). attend_excite: the "
                                "Attend-and-Excite loss (the weakest concept's peak attention), as published."),
@@ -100,7 +120,7 @@ def guidance_inputs():
                       tooltip="Optional user layout (paper Fig. 12): mask n is where concept n should be; it "
                               "replaces that concept's retention mask at every guided step. An all-zero mask "
                               "leaves that concept free."),
-    ]
+    ], ADVANCED)
 
 
 def build_guidance(model, concepts, attention_resolution, positive=None, mode="astar", guidance_start=0.0,
@@ -113,20 +133,39 @@ def build_guidance(model, concepts, attention_resolution, positive=None, mode="a
     # The model first: with a video model the prompt comes from another encoder, and the model's type
     # is the error to report, not the prompt's.
     family = model_family(model)
+    check_options(guidance_inputs(), {"attention_resolution": attention_resolution, "mode": mode,
+                                      "binarization": binarization, "refine": refine})
     if family == UNET and joint_blocks.strip():
         raise ValueError(f"joint_blocks ('{joint_blocks}') is for Flux.1 and SD3.5 models; this is a UNet model: "
                          "leave joint_blocks empty and choose its layers with attention_resolution")
+    if family != UNET and attention_resolution != DEFAULT_RESOLUTION:
+        raise ValueError(f"attention_resolution ('{attention_resolution}') is for SD1.x/SD2.x/SDXL UNet models; "
+                         f"this is a {family} model, whose maps come from joint_blocks: set attention_resolution "
+                         f"back to {DEFAULT_RESOLUTION} and choose its blocks with joint_blocks (empty = the "
+                         "default blocks)")
     if model.get_wrappers(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY):
         raise ValueError("A-STAR is already applied to this model (an A-STAR Apply, Recorder or KSampler before "
                          "this node): apply it once, listing every concept in that one node.")
-    specs = parse_concepts(concepts)
-    config = GuidanceConfig(
-        mode=mode, segregation_weight=segregation_weight, retention_weight=retention_weight,
-        start=guidance_start, end=guidance_end, scale=step_size,
-        refine=refine == "on" or (refine == "auto" and mode == "attend_excite"),
-        refine_points=parse_thresholds(refine_thresholds), max_refine_iters=max_refine_iters,
-        binarization=binarization, fraction=mask_fraction, smooth=smoothing)
-    if layout_masks is not None and layout_masks.shape[0] > len(specs):
+    try:
+        specs = parse_concepts(concepts)
+    except NoConceptGiven:  # said with the prompt's words: now if the prompt is here, else when sampling
+        if positive is not None:
+            raise missing_concepts_error(prompt_tokens_of(positive).text) from None
+        specs = []
+    try:
+        refine_points = parse_thresholds(refine_thresholds)
+    except ValueError as e:
+        raise ValueError(f"refine_thresholds: {e}") from None
+    try:
+        config = GuidanceConfig(
+            mode=mode, segregation_weight=segregation_weight, retention_weight=retention_weight,
+            start=guidance_start, end=guidance_end, scale=step_size,
+            refine=refine == "on" or (refine == "auto" and mode == "attend_excite"),
+            refine_points=refine_points, max_refine_iters=max_refine_iters,
+            binarization=binarization, fraction=mask_fraction, smooth=smoothing)
+    except ValueError as e:
+        raise in_widget_terms(e) from None
+    if specs and layout_masks is not None and layout_masks.shape[0] > len(specs):
         raise ValueError(f"{layout_masks.shape[0]} layout masks for {len(specs)} concepts: give one mask per "
                          "concept, in the order of the concepts (an all-zero mask leaves a concept free)")
     if positive is not None:  # fail now, before sampling, on a word not in the prompt

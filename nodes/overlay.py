@@ -2,12 +2,21 @@
 from __future__ import annotations
 
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from . import overlay_drawing as overlay
 from .types import AttentionType
+from .widgets import check_options, fold_advanced, schema
 
 _TIMELINE_CELL = 64  # pixels per step and concept in the timeline
+ADVANCED = ("step_start", "step_end", "layers", "normalization", "colormap", "opacity")
+
+
+def in_node_previews(images: list[torch.Tensor], report: str, cls) -> dict:
+    """What the node shows, as stock preview nodes do: every picture (saved to ComfyUI's temp folder like
+    Preview Image's) and the report text."""
+    saved = [entry for batch in images for entry in ui.PreviewImage(batch, cls=cls).as_dict()["images"]]
+    return {"images": saved, "text": (report,)}
 
 
 def parse_layers(text: str, n_layers: int, names=None) -> list[int] | None:
@@ -76,16 +85,19 @@ def pick_run(attention, run: int):
 class AttentionOverlay(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="AStarAttentionOverlay",
             display_name="A-STAR Attention Overlay",
-            category="sampling/astar",
+            category="image/astar",
+            search_aliases=["astar", "attention heatmap", "attention map", "cross attention", "loss plot"],
             description=(
                 "Draws the concept cross-attention recorded during an A-STAR (or record-only) sampling "
                 "run over the image it produced: one heatmap per concept, all concepts in their own "
                 "colours, the maps at every step (does attention stay where it was found?), the "
-                "pairwise overlap the segregation loss penalises, and the losses per step."),
-            inputs=[
+                "pairwise overlap the segregation loss penalises, and the losses per step. Shows them in "
+                "the node, and returns them for Save Image or other nodes."),
+            is_output_node=True,
+            inputs=fold_advanced([
                 AttentionType.Input(
                     "attention",
                     tooltip="The attention recorded by A-STAR KSampler, A-STAR Apply or the attention recorder. "
@@ -127,7 +139,7 @@ class AttentionOverlay(io.ComfyNode):
                     "opacity", default=0.5, min=0.0, max=1.0, step=0.05,
                     tooltip="0 = only the image, 1 = only the attention colours. In the combined image "
                             "it scales each concept's colour by its map."),
-            ],
+            ], ADVANCED),
             outputs=[
                 io.Image.Output("heatmaps", display_name="heatmaps", tooltip="One heatmap per image and concept (image-major), "
                                                     "labelled with the concept's word."),
@@ -149,6 +161,7 @@ class AttentionOverlay(io.ComfyNode):
     @classmethod
     def execute(cls, attention, image, run=-1, step_start=0, step_end=-1, layers="", normalization="per_concept",
                 colormap="jet", opacity=0.5) -> io.NodeOutput:
+        check_options(cls.define_schema().inputs, {"normalization": normalization, "colormap": colormap})
         rec = pick_run(attention, int(run))
         if hasattr(rec, "loss_view") and not (layers or "").strip():
             rec = rec.loss_view()
@@ -190,4 +203,5 @@ class AttentionOverlay(io.ComfyNode):
         report = (f"images averaged over recorded steps {steps[rng[0]].step}..{steps[rng[1] - 1].step} "
                   f"(positions {rng[0]}..{rng[1] - 1} of {len(steps)}), layers {layer_text}; "
                   f"normalization {normalization}\n" + overlay.loss_table(rec))
-        return io.NodeOutput(heatmaps, combined, timeline, overlap, plot, report)
+        pictures = [heatmaps, combined, timeline, overlap, plot]
+        return io.NodeOutput(*pictures, report, ui=in_node_previews(pictures, report, cls))

@@ -5,6 +5,8 @@ ConditioningConcat/Combine/SetArea/ControlNet Apply copy the dict, so it travels
 """
 from __future__ import annotations
 
+import re
+
 from ..attention.maps import CLIP_CHUNK_TOKENS, excluded_token_columns
 from ..attention.tokens import ConceptSpec, locate_concepts
 
@@ -95,3 +97,12 @@ def context_tokens(entry) -> int | None:
     cross = (entry.get("model_conds") or {}).get("c_crossattn")
     cond = getattr(cross, "cond", None)
     return int(cond.shape[1]) if cond is not None and cond.dim() >= 2 else None
+
+
+def missing_concepts_error(text: str) -> ValueError:
+    """The error for an empty concepts widget, listing the words of the prompt to choose from."""
+    words = list(dict.fromkeys(re.findall(r"[^\W\d_][\w'-]*", text)))
+    listing = ", ".join(words) if words else "(none: the prompt is empty)"
+    return ValueError(
+        "concepts is empty: type the words of the positive prompt whose objects should all appear, separated "
+        f"by commas (e.g. 'cat, frog' for 'a cat and a frog'). The prompt's words: {listing}.")

@@ -5,21 +5,24 @@ import comfy.samplers
 import nodes as comfy_nodes  # ComfyUI's nodes.py (common_ksampler); this package's own modules are relative
 from comfy_api.latest import io
 
-from .guidance_inputs import MODEL_TOOLTIP, ORDER_NOTE, build_guidance, guidance_inputs
+from .guidance_inputs import MODEL_TOOLTIP, ORDER_NOTE, SAMPLERS_NOTE, build_guidance, guidance_inputs
 from .types import AttentionType
+from .widgets import schema
 
 
 class AStarKSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="AStarKSampler",
             display_name="A-STAR KSampler",
-            category="sampling/astar",
+            category="sampling",
+            search_aliases=["astar", "attend and excite", "attention guidance", "ksampler astar",
+                            "missing objects", "multiple objects", "catastrophic neglect"],
             description="KSampler with A-STAR attention guidance: at the first denoising steps the latent takes "
                         "gradient steps that keep the listed concepts' cross-attention apart (segregation) and "
-                        "in place (retention), so every concept of the prompt appears. Works with every sampler "
-                        "and scheduler. " + ORDER_NOTE,
+                        "in place (retention), so every concept of the prompt appears. " + SAMPLERS_NOTE + " "
+                        + ORDER_NOTE,
             inputs=[
                 io.Model.Input("model", tooltip=MODEL_TOOLTIP),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
@@ -27,7 +30,8 @@ class AStarKSampler(io.ComfyNode):
                 io.Int.Input("steps", default=50, min=1, max=10000, tooltip="The number of denoising steps."),
                 io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale."),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, tooltip="The sampler."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS,
+                               tooltip="The sampler. " + SAMPLERS_NOTE),
                 io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, tooltip="The scheduler."),
                 io.Conditioning.Input("positive", tooltip="The positive prompt, encoded with A-STAR Text Encode "
                                                           "(ControlNet Apply and conditioning nodes may follow)."),

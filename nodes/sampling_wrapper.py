@@ -33,7 +33,7 @@ from .attention_patch import CAPTURES_KEY, STEP_KEY
 from .autograd_weights import casts_weights, control_modules, gradient_to_input, make_autograd_safe
 from .joint_tokens import joint_token_layout
 from .model_family import UNET
-from .prompt import PROMPT_KEY, context_tokens, prompt_tokens_of
+from .prompt import PROMPT_KEY, context_tokens, missing_concepts_error, prompt_tokens_of
 from .sampler_steps import StepTracker, UNGUIDABLE, function_name, refuse_unguidable
 
 WRAPPER_KEY = "astar_guidance"
@@ -143,6 +143,8 @@ class _GuidedRun:
         self.n_steps = len(self.sigmas) - 1
         self.positive = guider.conds.get("positive")
         prompt = prompt_tokens_of(self.positive)
+        if not owner.specs:  # an empty concepts widget: said now that the prompt is known, before any work
+            raise missing_concepts_error(prompt.text)
         # Only the conditioning entries of this prompt are read (ConditioningCombine adds others).
         self.entries = [c for c in self.positive if c.get(PROMPT_KEY) is prompt]
         n_context = next((n for n in map(context_tokens, self.entries) if n), None)

@@ -167,7 +167,7 @@ def view_url(img: dict) -> str:
 
 
 def texts(entry: dict) -> dict[str, str]:
-    """Text outputs (PreviewAny: the overlay's report) by node id."""
+    """Text outputs (the overlay's report, PreviewAny) by node id."""
     out = {}
     for nid, o in entry.get("outputs", {}).items():
         t = o.get("text")

@@ -5,7 +5,8 @@
         --blip ~/weights/blip-image-captioning-base --out eval-out
 
 Subcommands: sweep (images), score (CLIP/BLIP), report (tables, plots, grids, HTML), all (the three),
-prompts (rewrite the committed prompt set from its rule and seed). Rerunning a command resumes it."""
+prompts (a new draw of A&E's prompt rule, written to a file of your choice; the default set is the
+published draw, data/ae_prompts.json). Rerunning a command resumes it."""
 from __future__ import annotations
 
 import argparse
@@ -128,7 +129,7 @@ def run_all(args) -> None:
 
 
 def run_prompts(args) -> None:
-    prompts.write_prompts(prompts.generate(args.seed), args.output)
+    prompts.write_prompts(prompts.generate(args.seed), args.output, overwrite=args.overwrite)
     print(f"prompts: {args.output}")
 
 
@@ -176,11 +177,13 @@ def main(argv=None) -> int:
             add(p)
     p = sub.add_parser("prompts")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default=str(prompts.DEFAULT_SET))
+    p.add_argument("--output", required=True,
+                   help="file to write the new draw to (use it with --prompts); an existing file is kept")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     args = ap.parse_args(argv)
     try:
         {**{k: v[0] for k, v in commands.items()}, "prompts": run_prompts}[args.command](args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -3,9 +3,10 @@
 A prompt record is {"prompt", "category", "concepts"}; categories are animal-animal,
 animal-object and object-object. The published set (A&E's own draw) is a JSON object
 {"animals": [...], "animals_objects": [...], "objects": [...]} of prompt strings; ``load_prompts``
-reads that form as well as a list of records (this package's data/prompts.json).
+reads that form as well as a list of records (what ``generate`` draws and ``write_prompts`` writes).
+The default set is the published draw itself (data/ae_prompts.json; its source in data/SOURCE.md).
 
-By rule (and so equal to the published set): the 66 unordered animal pairs, the 36 "with"
+``generate`` makes new draws of the same rule. By rule (and so equal to the published set): the 66 unordered animal pairs, the 36 "with"
 prompts, and the 108 (animal, object) pairs of "a <animal> and a <colour> <object>" (each animal
 with each object but glasses, crown and bow); the 66 unordered object pairs. Drawn (seeded here,
 by A&E's script there): the order inside each pair and every colour. A&E writes "an" only before
@@ -13,6 +14,7 @@ by A&E's script there): the order inside each pair and every colour. A&E writes 
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import random
@@ -29,7 +31,7 @@ CATEGORIES = ("animal-animal", "animal-object", "object-object")
 # The published file's keys.
 PUBLISHED_KEYS = {"animals": "animal-animal", "animals_objects": "animal-object", "objects": "object-object"}
 SPLIT_WORDS = (" and ", " with ")
-DEFAULT_SET = Path(__file__).resolve().parent / "data" / "prompts.json"
+DEFAULT_SET = Path(__file__).resolve().parent / "data" / "ae_prompts.json"  # A&E's published draw
 
 
 class PromptFileError(ValueError):
@@ -120,10 +122,25 @@ def load_prompts(path: str | Path = DEFAULT_SET) -> list[dict]:
     raise PromptFileError(f"{path}: expected a JSON object of category lists or a list of records")
 
 
+def file_name(text: str) -> str:
+    """A readable file-name form of a text: 'Save Image (heatmaps)' -> 'save_image_heatmaps'."""
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
 def slug(prompt: str) -> str:
-    """A file-name form of a prompt: 'a red car and a cat' -> 'a_red_car_and_a_cat'."""
-    return re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")
+    """A file-name form of a prompt, distinct for distinct prompts: 'a red car and a cat' ->
+    'a_red_car_and_a_cat'; a prompt that other characters or capitals would map to the same form gets
+    a short hash of its exact text ('A red car, and a cat' -> 'a_red_car_and_a_cat-1b2c3d4e')."""
+    plain = file_name(prompt)
+    if prompt == plain.replace("_", " "):
+        return plain
+    return f"{plain}-{hashlib.sha256(prompt.encode()).hexdigest()[:8]}"
 
 
-def write_prompts(records: list[dict], path: str | Path) -> None:
-    Path(path).write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
+def write_prompts(records: list[dict], path: str | Path, overwrite: bool = False) -> None:
+    """Writes a prompt file; refuses to replace an existing file (the committed set above all) unless
+    overwrite."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; give another --output, or --overwrite to replace it")
+    path.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")

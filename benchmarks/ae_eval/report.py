@@ -1,10 +1,14 @@
 """The report of a scored sweep, in OUT/report/:
 
     summary.md, summary.json   per category x method: mean and 95 % interval of each metric, the
-                               papers' BLIP text-text numbers beside them
+                               papers' BLIP text-text numbers beside them (only when every scored
+                               prompt is one of the published set's, which those numbers are of)
     plots/<metric>.png         bars with intervals per category and method (paper numbers marked)
     grids/<prompt>.png         methods side by side (columns), one row per seed
     index.html                 all of the above on one page, with the attention overlays
+
+Without scores (before `score`, or without CLIP/BLIP weights) it writes the grids, the overlays and
+the page; the metric files and plots come once OUT/scores.jsonl has scores.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from . import store
-from .prompts import CATEGORIES
+from .prompts import CATEGORIES, DEFAULT_SET, load_prompts
 from .scoring import load_scores
 from .stats import METRICS, summary
 
@@ -36,7 +40,7 @@ def paper_value(metric: str, category: str, method: str):
     return PAPER.get(metric, {}).get(category, {}).get(method)
 
 
-def table_rows(summ: dict) -> list[dict]:
+def table_rows(summ: dict, with_paper: bool = True) -> list[dict]:
     cells = sorted({cell for per in summ.values() for cell in per},
                    key=lambda c: (CATEGORIES.index(c[0]) if c[0] in CATEGORIES else 99, c[1]))
     rows = []
@@ -44,7 +48,7 @@ def table_rows(summ: dict) -> list[dict]:
         row = {"category": category, "method": method}
         for metric in METRICS:
             row[metric] = summ[metric][(category, method)]
-            row[f"{metric}_paper"] = paper_value(metric, category, method)
+            row[f"{metric}_paper"] = paper_value(metric, category, method) if with_paper else None
         rows.append(row)
     return rows
 
@@ -124,18 +128,26 @@ def overlay_files(out: Path, recs: list[dict]) -> list[tuple[dict, list[Path]]]:
     return found
 
 
-def html_page(rows: list[dict], plots: list[Path], grids: list[Path], overlays, report: Path) -> str:
+def published_prompts() -> set[str]:
+    return {r["prompt"] for r in load_prompts(DEFAULT_SET)}
+
+
+def html_page(rows: list[dict], plots: list[Path], grids: list[Path], overlays, report: Path,
+              note: str = "") -> str:
     def rel(p: Path) -> str:
         return html.escape(os.path.relpath(p, report))
 
     parts = ["<!doctype html><meta charset='utf-8'><title>A&amp;E prompt set evaluation</title>",
              "<style>body{font-family:sans-serif} td,th{padding:2px 8px;border-bottom:1px solid #ddd}"
              " img.t{width:256px}</style>",
-             "<h1>Evaluation on the Attend-and-Excite prompt set</h1><h2>Metrics (mean, 95 % CI over prompts)</h2>",
-             "<table><tr><th>category</th><th>method</th><th>prompts</th>"
-             + "".join(f"<th>{m}</th>" + ("<th>paper</th>" if m in PAPER else "") for m in METRICS) + "</tr>"]
-    parts += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row_cells(r)) + "</tr>" for r in rows]
-    parts.append("</table><h2>Plots</h2>" + "".join(f"<img src='{rel(p)}'>" for p in plots))
+             "<h1>Evaluation on the Attend-and-Excite prompt set</h1><h2>Metrics (mean, 95 % CI over prompts)</h2>"]
+    if note:
+        parts.append(f"<p>{html.escape(note)}</p>")
+    if rows:
+        parts.append("<table><tr><th>category</th><th>method</th><th>prompts</th>"
+                     + "".join(f"<th>{m}</th>" + ("<th>paper</th>" if m in PAPER else "") for m in METRICS) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row_cells(r)) + "</tr>" for r in rows]
+        parts.append("</table><h2>Plots</h2>" + "".join(f"<img src='{rel(p)}'>" for p in plots))
     if overlays:
         parts.append("<h2>Attention overlays</h2>")
         for r, files in overlays:
@@ -152,19 +164,28 @@ def write_report(out: Path, grid_seeds: int = 4) -> Path:
     out = Path(out)
     report = out / "report"
     scores, recs = load_scores(out), store.records(out)
-    if not scores:
-        raise FileNotFoundError(f"no scores in {out / 'scores.jsonl'}: score the images first")
-    rows = table_rows(summary(scores))
+    if not scores and not recs:
+        raise FileNotFoundError(f"no images in {out / 'images'}: run the sweep first")
     report.mkdir(parents=True, exist_ok=True)
-    (report / "summary.md").write_text(markdown(rows))
-    (report / "summary.json").write_text(json.dumps(rows, indent=1))
-    plots = [report / "plots" / f"{m}.png" for m in METRICS]
-    for metric, path in zip(METRICS, plots):
-        plot(rows, metric, path)
+    rows, plots, note = [], [], ""
+    if not scores:
+        note = (f"No scores yet ({out / 'scores.jsonl'}): run the score step for the metric tables; "
+                "the images and overlays are below.")
+    else:
+        with_paper = {s["prompt"] for s in scores} <= published_prompts()
+        if not with_paper:
+            note = ("Some prompts are not in the published A&E set, so the papers' numbers (of that set) are "
+                    "not shown beside these.")
+        rows = table_rows(summary(scores), with_paper)
+        (report / "summary.md").write_text((f"{note}\n\n" if note else "") + markdown(rows))
+        (report / "summary.json").write_text(json.dumps(rows, indent=1))
+        plots = [report / "plots" / f"{m}.png" for m in METRICS]
+        for metric, path in zip(METRICS, plots):
+            plot(rows, metric, path)
     methods = list(dict.fromkeys(r["method"] for r in recs))
     grids = []
     for prompt_slug in dict.fromkeys(r["slug"] for r in recs):
         grids.append(report / "grids" / f"{prompt_slug}.png")
         grid(out, [r for r in recs if r["slug"] == prompt_slug], methods, grids[-1], grid_seeds)
-    (report / "index.html").write_text(html_page(rows, plots, grids, overlay_files(out, recs), report))
+    (report / "index.html").write_text(html_page(rows, plots, grids, overlay_files(out, recs), report, note))
     return report

@@ -103,9 +103,7 @@ def _features(out) -> torch.Tensor:
 
 
 def scored_keys(path: Path) -> set[str]:
-    if not path.is_file():
-        return set()
-    return {json.loads(line)["key"] for line in path.read_text().splitlines() if line.strip()}
+    return {r["key"] for r in store.read_scores(path, repair=True)}
 
 
 def score_folder(out: Path, scorer: Scorer, batch: int = 16) -> int:
@@ -131,5 +129,4 @@ def score_folder(out: Path, scorer: Scorer, batch: int = 16) -> int:
 
 
 def load_scores(out: Path) -> list[dict]:
-    path = Path(out) / "scores.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return store.read_scores(Path(out) / "scores.jsonl")

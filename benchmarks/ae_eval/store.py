@@ -4,12 +4,14 @@
     OUT/images/<method>/<prompt slug>/<seed>.png     the image
     OUT/images/<method>/<prompt slug>/<seed>.json    its record, written last: the job is done
     OUT/images/<method>/<prompt slug>/<seed>.extras/ attention overlays and reports (overlay jobs)
+    OUT/scores.jsonl                       one line of scores per image (scoring.py appends to it)
 
 Every file is written to a temporary name and renamed, so an interrupted sweep leaves no partial
 file that would count as done."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -78,3 +80,32 @@ def claim_signatures(out: Path, signatures: dict[str, dict]) -> None:
                                 f"  now:   {json.dumps(sig, sort_keys=True)}\n"
                                 "Use another --out, or the same settings to resume that sweep.")
     write_atomic(path, json.dumps({**known, **signatures}, indent=1, sort_keys=True).encode())
+
+
+def read_scores(path: Path, repair: bool = False) -> list[dict]:
+    """The lines of a scores.jsonl. A last line cut short (scoring interrupted while writing it) is
+    skipped with a warning, and with repair removed from the file, so appending starts on a fresh line;
+    a damaged line before the last is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    text = path.read_text()
+    lines = text.split("\n")
+    out = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            if any(rest.strip() for rest in lines[number:]):
+                raise ValueError(f"{path}, line {number}: not a JSON record ({line[:80]!r}); remove or fix "
+                                 "that line (its image is scored again on the next run)") from None
+            logging.warning("%s: the last line is incomplete (scoring was interrupted while writing it); "
+                            "skipped%s", path, ", its image is scored again" if repair else "")
+            text = "".join(f"{kept}\n" for kept in lines[:number - 1])
+            if repair:
+                write_atomic(path, text.encode())
+    if repair and text and not text.endswith("\n"):  # a whole last record without its newline
+        write_atomic(path, (text + "\n").encode())
+    return out

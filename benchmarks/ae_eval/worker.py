@@ -10,7 +10,7 @@ import json
 import time
 import uuid
 
-from .prompts import slug
+from .prompts import file_name
 from .client import ComfyClient, JobFailed, JobRejected, ServerUnavailable, output_images, output_texts
 
 
@@ -62,7 +62,7 @@ class ServerWorker:
 
 def _title(graph: dict, nid: str) -> str:
     """A file-name form of a node's title ('Save Image (heatmaps)' -> 'save_image_heatmaps')."""
-    return slug(graph.get(nid, {}).get("_meta", {}).get("title", nid))
+    return file_name(graph.get(nid, {}).get("_meta", {}).get("title", nid))
 
 
 def job_prompt_id(job_key: str, graph: dict) -> str:

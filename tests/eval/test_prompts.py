@@ -1,7 +1,9 @@
-"""The prompt set: counts, uniqueness, and the parts fixed by rule equal to A&E's published prompts."""
+"""The prompt set: the default is A&E's published draw (same 276 strings); the generator's new draws keep
+the parts fixed by rule; `prompts` never replaces a file unless asked; prompt folders are distinct."""
 from __future__ import annotations
 
 import collections
+import hashlib
 import itertools
 import json
 import os
@@ -11,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.ae_eval import prompts as P
+from benchmarks.ae_eval.__main__ import main as cli
 
 PUBLISHED = Path(os.environ.get("AE_PROMPTS", Path(__file__).resolve().parents[2].parent / "shared" / "data"
                                 / "ae_prompts.json"))
@@ -43,10 +46,9 @@ def committed():
 
 
 @pytest.fixture(scope="module")
-def published():
-    if not PUBLISHED.is_file():
-        pytest.skip(f"A&E's published prompt file is not at {PUBLISHED} (set AE_PROMPTS to it)")
-    return P.load_prompts(PUBLISHED)
+def published(committed):
+    """The published draw: the committed default set (checked against the shared copy below)."""
+    return committed
 
 
 def test_counts_and_uniqueness(committed):
@@ -59,19 +61,62 @@ def test_counts_and_uniqueness(committed):
         assert {c for c in (c1, c2) if c} <= set(P.COLOURS)
 
 
-def test_committed_file_is_the_generator_output():
-    assert P.load_prompts() == P.generate(seed=0)
+def test_default_set_is_the_published_draw(committed):
+    """The committed default is A&E's published file (the bytes of the shared copy when it is at hand;
+    its hash in SOURCE.md), in its published order: a few of its strings written out here."""
+    assert P.DEFAULT_SET.name == "ae_prompts.json"
+    assert len(committed) == 276
+    source = (P.DEFAULT_SET.parent / "SOURCE.md").read_text()
+    assert hashlib.sha256(P.DEFAULT_SET.read_bytes()).hexdigest() in source
+    by_category = collections.defaultdict(list)
+    for r in committed:
+        by_category[r["category"]].append(r["prompt"])
+    assert by_category["animal-animal"][:3] == ["an elephant and a rabbit", "a dog and a frog", "a bird and a mouse"]
+    assert by_category["animal-object"][:3] == ["a horse with a glasses", "a bear with a glasses",
+                                                "a monkey and a red car"]
+    assert by_category["object-object"][:3] == ["a pink crown and a purple bow", "a blue clock and a blue apple",
+                                                "a blue balloon and a orange bench"]
+    if not PUBLISHED.is_file():
+        pytest.skip(f"the shared copy of A&E's published prompts is not at {PUBLISHED} (set AE_PROMPTS to it)")
+    assert P.DEFAULT_SET.read_bytes() == PUBLISHED.read_bytes()
+    assert committed == P.load_prompts(PUBLISHED)
+
+
+def test_generator_draws_are_reproducible_and_seeded():
     assert P.generate(seed=0) == P.generate(seed=0)
     assert P.generate(seed=1) != P.generate(seed=0)  # the drawn parts depend on the seed
 
 
-def test_rule_parts_equal_the_published_set(committed, published):
-    assert collections.Counter(r["category"] for r in published) == COUNTS
-    assert structure(committed) == structure(published)
-    assert {r["prompt"] for r in committed if " with " in r["prompt"]} == \
+@pytest.mark.parametrize("seed", [0, 1])
+def test_generated_draws_keep_the_rule_parts_of_the_published_set(seed, published):
+    drawn = P.generate(seed)
+    assert collections.Counter(r["category"] for r in drawn) == COUNTS
+    assert len({r["prompt"] for r in drawn}) == 276
+    assert structure(drawn) == structure(published)
+    assert {r["prompt"] for r in drawn if " with " in r["prompt"]} == \
         {r["prompt"] for r in published if " with " in r["prompt"]}
-    assert {frozenset(p) for p in itertools.combinations(P.ANIMALS, 2)} == \
-        structure(published)[("animal-animal", "and", False, False)]
+
+
+def test_prompts_command_writes_a_new_file_and_never_replaces_one_unasked(tmp_path, capsys):
+    out = tmp_path / "draw.json"
+    assert cli(["prompts", "--seed", "3", "--output", str(out)]) == 0
+    assert P.load_prompts(out) == P.generate(3)
+    assert cli(["prompts", "--seed", "4", "--output", str(out)]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert P.load_prompts(out) == P.generate(3)
+    assert cli(["prompts", "--seed", "4", "--output", str(out), "--overwrite"]) == 0
+    assert P.load_prompts(out) == P.generate(4)
+    with pytest.raises(SystemExit):  # no default output: the committed set cannot be its target
+        cli(["prompts", "--seed", "4"])
+
+
+def test_prompts_differing_in_case_or_punctuation_get_distinct_folders():
+    variants = ["a cat and a dog", "A cat and a dog", "a cat, and a dog", "a cat and a dog.", "a cat and a dog!"]
+    slugs = [P.slug(v) for v in variants]
+    assert len(set(slugs)) == len(variants), slugs
+    assert slugs[0] == "a_cat_and_a_dog"  # the published prompts keep their readable folder names
+    assert all(s.startswith("a_cat_and_a_dog") for s in slugs)
+    assert P.slug("A cat and a dog") == slugs[1]  # stable
 
 
 def test_published_form_and_records_load_alike(tmp_path, published):

@@ -46,14 +46,16 @@ def test_the_one_command_sweeps_scores_and_reports(two_servers, tiny_models, tmp
         sorted((p["category"], m) for p in prompts for m in METHODS)
     row = next(r for r in summary if (r["category"], r["method"]) == ("animal-object", "astar"))
     assert row["blip_text_paper"] == 0.84
-    assert row["clip_full"]["mean"] == next(s["clip_full"] for s in scores if s["key"].startswith("astar/a_bear_with"))
+    animal_object = next(p["prompt"] for p in prompts if p["category"] == "animal-object")
+    assert row["clip_full"]["mean"] == next(s["clip_full"] for s in scores if s["key"] == f"astar/{slug(animal_object)}/0")
     assert sorted(p.name for p in (report / "grids").iterdir()) == sorted(f"{slug(p['prompt'])}.png" for p in prompts)
     assert sorted(p.name for p in (report / "plots").iterdir()) == ["blip_text.png", "clip_full.png", "clip_min.png"]
     html = (report / "index.html").read_text()
     for m in METHODS:   # the overlay prompt kept its attention overlays, for every method
         extras = store.extras_dir(out, {"method": m, "slug": slug(prompts[0]["prompt"]), "seed": 0})
-        assert any("heatmaps" in p.name for p in extras.iterdir()), m
-        assert os.path.relpath(next(extras.iterdir()), report) in html
+        files = sorted(extras.iterdir())  # the overlay's six pictures (two concepts) and its report
+        assert sum(p.suffix == ".png" for p in files) == 6 and any(p.name.endswith("_text.txt") for p in files), m
+        assert os.path.relpath(next(p for p in files if p.suffix == ".png"), report) in html
     assert not store.extras_dir(out, {"method": "astar", "slug": slug(prompts[1]["prompt"]), "seed": 0}).exists()
     # Rerun: nothing to do, nothing rewritten.
     before = {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")}

@@ -242,7 +242,7 @@ def _set_widget(node: dict, name: str, value, object_info) -> None:
 def test_queue_from_the_page(page, server, object_info, mini_ckpt):
     """astar_sd15 with the mini checkpoint at 64 px, 3 steps of which the first 2 guided, queued with the page's
     own Queue (app.queuePrompt): the run succeeds, the history has its images and the page shows them on the
-    Save Image nodes."""
+    Save Image node, and the overlay's pictures and report on the overlay node."""
     workflow = json.loads((EXAMPLES_DIR / "astar_sd15.json").read_text(encoding="utf-8"))
     for node in workflow["nodes"]:
         if node["type"] == "CheckpointLoaderSimple":
@@ -284,6 +284,13 @@ def test_queue_from_the_page(page, server, object_info, mini_ckpt):
         " return n && n.imgs && n.imgs.some(i => i.src.includes('/view') && i.src.includes(f))"
         " && shown.length === count; }",
         arg=[main_save, filename, len(save_ids)], timeout=30_000)
+    # The overlay shows its six pictures (two heatmaps, combined, timeline, overlap, loss plot) and its report.
+    overlay = next(str(n["id"]) for n in workflow["nodes"] if n["type"] == "AStarAttentionOverlay")
+    page.page.wait_for_function(
+        "([id, report]) => { const n = window.app.graph.getNodeById(Number(id));"
+        " const w = n && (n.widgets || []).find(w => w.name === 'report_text');"
+        " return n.imgs && n.imgs.length === 6 && w && w.value === report; }",
+        arg=[overlay, reports[0]], timeout=30_000)
     assert not page.errors_since(start)
     page.screenshot("astar_sd15_queued_result")
 
