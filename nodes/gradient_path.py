@@ -120,7 +120,11 @@ class GradientWatch:
 
     def __init__(self):
         self.cut: list[torch.nn.Module] = []
-        self._handle = None
+        self.entered: torch.nn.Module | None = None  # the last layer whose forward began
+        self._handles = ()
+
+    def _enter(self, module, args):
+        self.entered = module
 
     def _hook(self, module, args, output):
         if not torch.is_grad_enabled():
@@ -132,21 +136,30 @@ class GradientWatch:
             self.cut.append(module)
 
     def __enter__(self) -> GradientWatch:
-        self._handle = torch.nn.modules.module.register_module_forward_hook(self._hook)
+        self._handles = (torch.nn.modules.module.register_module_forward_pre_hook(self._enter),
+                         torch.nn.modules.module.register_module_forward_hook(self._hook))
         return self
 
-    def __exit__(self, *exc) -> bool:
-        self._handle.remove()
+    def __exit__(self, kind, error, trace) -> bool:
+        for handle in self._handles:
+            handle.remove()
+        # a layer whose kernel refuses autograd outright (ComfyUI 0.3's fp8 input quantization clamps with out=)
+        if isinstance(error, RuntimeError) and self.entered is not None and \
+                any(s in str(error) for s in ("automatic differentiation", "derivative for")):
+            raise ValueError(self._message(self.entered)) from error
         return False
 
     def check(self) -> None:
         """Raises ValueError naming the first layer (the innermost: hooks run as forwards end) that cut it."""
-        if not self.cut:
-            return
-        layer = type(self.cut[0])
-        weight = getattr(self.cut[0], "weight", None)
+        if self.cut:
+            raise ValueError(self._message(self.cut[0]))
+
+    @staticmethod
+    def _message(module: torch.nn.Module) -> str:
+        layer = type(module)
+        weight = getattr(module, "weight", None)
         stored = f", weights stored as {type(weight).__name__} {weight.dtype}" if isinstance(weight, torch.Tensor) else ""
-        raise ValueError(
+        return (
             f"A-STAR needs a gradient through the model, but its {layer.__module__}.{layer.__qualname__} layers "
             f"compute without one{stored} (in fp8 matrix multiplication, ComfyUI quantizes each layer's input into a "
             f"tensor autograd cannot follow). Load the model for A-STAR in a weight dtype that computes in "

@@ -389,18 +389,45 @@ def scaled_fp8_ckpt(host, mini_ckpt):
     return SCALED_FP8
 
 
-def test_zz_fp8_explore(host, mini_ckpt, scaled_fp8_ckpt, fp8_compute, guided_steps):
-    for name, g in (("fast", None), ("scaled", graph(scaled_fp8_ckpt, seed=5))):
-        if g is None:
-            g = graph(mini_ckpt, seed=5)
-            g["unet"] = {"class_type": "UNETLoader", "inputs": {"unet_name": mini_ckpt, "weight_dtype": "fp8_e4m3fn_fast"}}
-            g["sampler"]["inputs"]["model"] = ["unet", 0]
-        try:
-            latent, rec = sampled(host, g)
-            z, new = guided_steps[-1]
-            print(name, "OK", float((new - z).abs().max()), rec.steps[0].losses)
-        except Exception as e:
-            print(name, "ERR", str(e)[:500])
+def fp8_graph(kind, mini_ckpt, scaled_ckpt):
+    """fast: the mini UNet in fp8 through Load Diffusion Model's fp8_e4m3fn_fast (ComfyUI's fp8_ops);
+    scaled: the scaled-fp8 checkpoint (fp8 weights with scales; mixed-precision QuantizedTensor layers in
+    ComfyUI 0.19)."""
+    if kind == "scaled":
+        return graph(scaled_ckpt, seed=5)
+    g = graph(mini_ckpt, seed=5)
+    g["unet"] = {"class_type": "UNETLoader", "inputs": {"unet_name": mini_ckpt, "weight_dtype": "fp8_e4m3fn_fast"}}
+    g["sampler"]["inputs"]["model"] = ["unet", 0]
+    return g
+
+
+@pytest.mark.parametrize("kind", ["fast", "scaled"])
+def test_fp8_matmul_layers_guide_with_a_gradient_or_are_refused(host, mini_ckpt, scaled_fp8_ckpt, monkeypatch,
+                                                                guided_steps, kind):
+    """The same fp8 weights with fp8 compute (ComfyUI's fp8 matmul layers, QuantizedTensor inputs) and without
+    it (ComfyUI casts them to fp32 per layer: the reference). Where ComfyUI's layers give the latent's
+    gradient (fp8_ops fall back to the cast path when their input requires grad; 0.19's quantized layers
+    have a backward, QuantLinearFunc), the guided update equals the reference's to fp8 rounding (layers that
+    carry no gradient, such as the text's k and v, still multiply in fp8). Where they do not (0.3.75's
+    scaled-fp8 layers quantize the input with an out= clamp that autograd refuses), the run is refused at
+    the first guided step with an error that names the layer and the fix, instead of torch's message."""
+    import comfy.model_management
+    import comfy.ops
+    g = fp8_graph(kind, mini_ckpt, scaled_fp8_ckpt)
+    sampled(host, g)  # the reference: no fp8 compute
+    monkeypatch.setattr(comfy.model_management, "SUPPORT_FP8_OPS", True)
+    if kind == "scaled" and not hasattr(comfy.ops, "QuantLinearFunc"):
+        with pytest.raises(hosts.GraphError, match="compute without one") as info:
+            sampled(host, g)
+        assert "scaled_fp8_op.Linear" in str(info.value) and "weight_dtype" in str(info.value)
+        return
+    sampled(host, g)
+    (z_ref, new_ref), (z, new) = guided_steps
+    assert torch.equal(z, z_ref)
+    update_ref, update = new_ref - z_ref, new - z
+    error = float((update - update_ref).abs().max()) / float(update_ref.abs().max())
+    print(kind, "relative error", error)
+    assert error < 0.2, error
 
 
 # ------------------------------------------------------------------------------------------------
