@@ -221,6 +221,12 @@ def _retention_masks(
     return masks
 
 
+NO_GRADIENT_PATH = (
+    "the attention maps do not depend on the latent: the model's forward has no gradient path (a layer computes "
+    "without autograd, e.g. fp8 matrix multiplication), so the guidance step cannot be taken. Load the model in "
+    "another weight dtype (Load Diffusion Model: weight_dtype 'default'), or set the step size to 0")
+
+
 def _descend(
     leaf: torch.Tensor, total: torch.Tensor, step_size: float, active: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,8 +242,10 @@ def _descend(
         (grad,) = torch.autograd.grad(objective, leaf, allow_unused=True)
     else:
         grad = None
-    if grad is None:  # the loss does not depend on the latent (e.g. one concept, no retention yet)
-        grad = torch.zeros_like(leaf)
+    if grad is None:
+        if total.requires_grad:  # the loss depends on something that requires grad, but not on the latent
+            raise ValueError(NO_GRADIENT_PATH)
+        grad = torch.zeros_like(leaf)  # a loss legitimately constant (one concept, no retention yet)
     finite_grad = torch.isfinite(grad).flatten(1).all(dim=1)
     apply = active & finite_loss & finite_grad
     start = leaf.detach()
@@ -270,7 +278,10 @@ def guided_step(
     the threshold (so one more step is taken after reaching it, as A&E's loop does), at most
     config.max_refine_iters; then one regular step on all samples from a fresh forward.
     Non-finite samples are left unchanged, flagged in skipped, and reported with warnings.warn
-    (label names the step).
+    (label names the step). A step that should move (step_size > 0) raises ValueError (NO_GRADIENT_PATH)
+    when the maps do not depend on z, or the loss depends on something else that requires grad but not on
+    z: never a silent zero step. A loss that is constant by construction (one concept at the first step,
+    astar mode) is a no-op.
     """
     if not (math.isfinite(step_size) and step_size >= 0):
         raise ValueError(f"step_size must be a finite number >= 0, got {step_size!r}")
@@ -306,6 +317,8 @@ def _guided_step(
             leaf = latent.detach().requires_grad_(True)
             with torch.enable_grad():
                 maps = maps_fn(leaf)
+                if not maps.requires_grad:
+                    raise ValueError(NO_GRADIENT_PATH)
                 losses = guidance_losses(maps, _retention_masks(maps, prev_masks, layout_masks), config)
         else:
             leaf = latent

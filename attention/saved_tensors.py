@@ -46,8 +46,9 @@ class _CastLedger(TorchFunctionMode):
     them into views of its own VRAM): autograd then saves another view of the same memory (the
     transposed weight), so such casts are also found by where they lie (`source_within`)."""
 
-    def __init__(self):
+    def __init__(self, copied: frozenset = frozenset()):
         super().__init__()
+        self._copied = copied  # ids of parameters that are overwritten in place without a version bump
         self._casts: dict[int, tuple] = {}  # id(cast) -> (weakref to it, its _version, parameter, conversions)
         self._in_buffers: dict[int, list[int]] = {}  # storage data_ptr -> ids of casts that are views into it
 
@@ -71,7 +72,7 @@ class _CastLedger(TorchFunctionMode):
     def source(self, t: torch.Tensor):
         """(parameter, ((device, dtype), ...)) when t is that parameter or an unmodified cast of it, else None."""
         if _frozen_parameter(t):
-            return t, ()
+            return (t, ()) if id(t) not in self._copied else None
         entry = self._casts.get(id(t))
         if entry is None or entry[0]() is not t or entry[1] != t._version:
             return None  # not a cast, or modified in place since (a LoRA weight_function, say)
@@ -149,21 +150,28 @@ class saved_tensor_policy:  # noqa: N801 (used as a context manager, like torch'
     it watches every torch call of the forward, so turn it on only where weights are cast.
     copy_others: autograd keeps its own copy of every other tensor it saves, frozen parameters
     excepted (needed where the model adds to saved activations in place: ControlNet's `h += control`).
+    copied: parameters overwritten in place between the forward and the backward without a version bump
+    (ComfyUI's hook-scheduled weights, swapped with `.data.copy_()` between cond groups): autograd keeps a
+    copy of them (and of views of them) when saved, and their casts are kept as they are, never recast.
     """
 
-    def __init__(self, recast_weight_casts: bool, copy_others: bool):
+    def __init__(self, recast_weight_casts: bool, copy_others: bool, copied=()):
         self.recast_weight_casts, self.copy_others = recast_weight_casts, copy_others
+        self.copied = frozenset(id(t) for t in copied)
         self.stats = SavedTensorStats()
         self._stack = None
 
     def __enter__(self) -> SavedTensorStats:
-        if not (self.recast_weight_casts or self.copy_others):
+        if not (self.recast_weight_casts or self.copy_others or self.copied):
             return self.stats
-        ledger = _CastLedger() if self.recast_weight_casts else None
-        stats, copy_others = self.stats, self.copy_others
+        ledger = _CastLedger(self.copied) if self.recast_weight_casts else None
+        stats, copy_others, copied = self.stats, self.copy_others, self.copied
 
         def pack(t: torch.Tensor):
             base = t if t._base is None else t._base  # autograd often saves a view (a transposed weight)
+            if id(base) in copied:
+                stats.kept_bytes += t.numel() * t.element_size()
+                return t.detach().clone()
             if _frozen_parameter(base):
                 return t  # a reference: nothing is held twice, and weights are never changed in place
             origin, cast = (ledger.source(base), base) if ledger is not None else (None, None)

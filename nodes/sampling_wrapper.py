@@ -31,6 +31,7 @@ from ..attention.schedule import in_window, refinement_threshold, schedule_posit
 from ..attention.tokens import ConceptSpec
 from .attention_patch import CAPTURES_KEY, STEP_KEY
 from .autograd_weights import casts_weights, control_modules, gradient_to_input, make_autograd_safe
+from .gradient_path import GradientWatch, hook_swapped_weights, patch_networks, without_compile
 from .joint_tokens import joint_token_layout
 from .model_family import UNET
 from .prompt import PROMPT_KEY, context_tokens, missing_concepts_error, prompt_tokens_of
@@ -258,14 +259,18 @@ class _GuidedRun:
         model = self.guider.inner_model
         with torch.inference_mode(False):
             controls = control_modules(self.positive)
-            networks = [model, *controls]
+            # the guidance pass differentiates the eager modules (never torch.compile's copy), through the
+            # networks that patches bring (Hypernetworks, GLIGEN, IPAdapter-style replaces) too
+            options = without_compile(extra_args.get("model_options", self.base_options))
+            networks = [model, *controls, *patch_networks(options, self.positive)]
             for module in networks:
                 make_autograd_safe(module)
             # ControlNet adds its residuals in place (h += ctrl), and Flux's blocks their outputs (img += ...),
             # to tensors that earlier layers have saved, so autograd keeps copies of those; weights cast per
             # forward are recast at backward.
             policy = {"recast_weight_casts": any(casts_weights(m) for m in networks),
-                      "copy_others": bool(controls) or self.owner.family != UNET}
+                      "copy_others": bool(controls) or self.owner.family != UNET,
+                      "copied": hook_swapped_weights(self.guider.model_patcher, model)}
             x = x.clone()
             sigma = sigma.clone()  # 0-d
             sigma_b = sigma.reshape(1).expand(x.shape[0])
@@ -273,7 +278,6 @@ class _GuidedRun:
             # z - alpha * grad_z L is, in ComfyUI's x = z / c_in, x - alpha / c_in^2 * grad_x L. Taken on x,
             # so the guidance pass sees exactly the latent of the sampler's model call.
             c_in = float(model.model_sampling.calculate_input(sigma, torch.ones((), device=x.device, dtype=x.dtype)))
-            options = extra_args.get("model_options", self.base_options)
             base_to = options.get("transformer_options", {})
 
             held = {}
@@ -292,8 +296,9 @@ class _GuidedRun:
 
                     def forward():
                         comfy.samplers.calc_cond_batch(model, [self.positive], x_in, sigma_b, pass_options)
-                with saved_tensor_policy(**policy):
+                with saved_tensor_policy(**policy), GradientWatch() as watch:
                     self.passes.run(capture, forward)
+                watch.check()  # a layer that cut the latent's gradient: an error, never a silently wrong step
                 try:
                     return capture.concept_maps(self.groups)
                 except LookupError:

@@ -158,9 +158,9 @@ def test_cast_weights_are_recast_not_kept(host, mini_ckpt, monkeypatch):
     real_policy = guided.saved_tensor_policy
     policies, settings = [], {"keep_casts": False}
 
-    def policy(recast_weight_casts, copy_others):
+    def policy(recast_weight_casts, copy_others, **kwargs):
         assert recast_weight_casts, "the fp8 model's weight casts were not detected"
-        p = real_policy(recast_weight_casts and not settings["keep_casts"], copy_others)
+        p = real_policy(recast_weight_casts and not settings["keep_casts"], copy_others, **kwargs)
         policies.append(p)
         return p
 

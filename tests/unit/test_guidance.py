@@ -431,3 +431,40 @@ def test_guided_step_emits_no_warning_when_all_finite():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         guided_step(torch.randn(2, 4, 6, 6), make_token_maps_fn(), 1.0, None, GuidanceConfig())
+
+
+@pytest.mark.parametrize("mode", ["astar", "attend_excite"])
+def test_a_step_without_a_gradient_path_is_an_error_not_a_zero_step(mode):
+    """Maps computed without a path to the latent (as behind a layer that quantizes its input into a tensor
+    without autograd, ComfyUI's fp8 matmul): a step meant to move raises instead of leaving the latent as it
+    was; at step size 0 the same maps are a plain no-op."""
+    torch.manual_seed(6)
+    z = torch.randn(1, 4, 6, 6)
+    maps_fn = make_token_maps_fn()
+
+    def cut(latent):
+        return maps_fn(latent.detach())  # the forward loses the latent's gradient
+
+    config = GuidanceConfig(mode=mode)
+    with pytest.raises(ValueError, match="no gradient path"):
+        guided_step(z, cut, 5.0, None, config)
+    assert torch.equal(guided_step(z, cut, 0.0, None, config).latent, z)
+
+
+def test_a_loss_that_depends_on_something_else_but_not_the_latent_is_an_error():
+    """Maps that require grad through another tensor (a pack's weight left trainable) but not through the
+    latent: the gradient with respect to the latent is missing, which is an error too."""
+    z = torch.randn(1, 4, 6, 6)
+    maps_fn = make_token_maps_fn()
+    stray = torch.zeros((), requires_grad=True)
+    with pytest.raises(ValueError, match="no gradient path"):
+        guided_step(z, lambda latent: maps_fn(latent.detach()) + stray, 5.0, None, GuidanceConfig())
+
+
+def test_a_loss_constant_by_construction_is_a_no_op():
+    """One concept at the first step (astar mode): no pair to segregate and no retention mask yet. The loss
+    does not depend on the latent by construction, not for a lack of gradient path: the latent is kept."""
+    z = torch.randn(1, 4, 6, 6)
+    maps_fn = make_token_maps_fn()
+    result = guided_step(z, lambda latent: maps_fn(latent)[:, :1], 5.0, None, GuidanceConfig())
+    assert torch.equal(result.latent, z) and result.iterations == 1

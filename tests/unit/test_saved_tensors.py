@@ -212,3 +212,36 @@ def test_a_reused_buffer_view_that_is_no_cast_is_kept_and_checked():
     assert stats.recast_count == 0
     with pytest.raises(RuntimeError, match="modified in place"):
         torch.autograd.grad(loss, leaf)
+
+
+@pytest.mark.parametrize("recast", [False, True])
+@pytest.mark.parametrize("how", ["plain", "to"])
+def test_weights_swapped_in_place_after_the_forward_are_copied_when_saved(how, recast):
+    """ComfyUI's hook-scheduled LoRA writes each cond group's weights with `.data.copy_()`, which leaves the
+    version counter as it was: between a forward (cond group A) and its backward, another group's forward
+    (B) overwrites them unseen. Weights listed in `copied` are saved as copies, so the gradient is group A's;
+    saved by reference (the default) it would silently be B's, which the reference below shows."""
+    g = torch.Generator().manual_seed(3)
+    dtype = torch.float32 if how == "plain" else torch.float16
+    a = torch.randn(16, 16, generator=g).to(dtype)
+    b = torch.randn(16, 16, generator=g).to(dtype)
+    weight = torch.nn.Parameter(a.clone(), requires_grad=False)
+    x = torch.randn(3, 16, generator=g)
+
+    def run(**policy):
+        weight.data.copy_(a)
+        leaf = x.clone().requires_grad_(True)
+        with saved_tensor_policy(**policy):
+            hidden = F.linear(leaf, weight.to(torch.float32))
+            loss = F.linear(torch.tanh(hidden), weight.to(torch.float32)).square().sum()
+        weight.data.copy_(b)  # the next cond group's weights, as ComfyUI's copy_to_param writes them
+        (grad,) = torch.autograd.grad(loss, leaf)
+        return grad
+
+    leaf = x.clone().requires_grad_(True)
+    wa = a.to(torch.float32)
+    (expected,) = torch.autograd.grad(F.linear(torch.tanh(F.linear(leaf, wa)), wa).square().sum(), leaf)
+    torch.testing.assert_close(run(recast_weight_casts=recast, copy_others=False, copied=[weight]), expected,
+                               rtol=0, atol=0)
+    if how == "plain" or recast:  # by reference (or recast from the parameter): group B's weights
+        assert not torch.allclose(run(recast_weight_casts=recast, copy_others=False), expected, atol=1e-3)
