@@ -163,8 +163,8 @@ def predict_states(name: str, sigmas: torch.Tensor, options: dict, model_samplin
         flow = ANCESTRAL_MIDPOINT[name] and _is_flow(model_sampling)
         counts = _ancestral_calls(name, sigmas, float(options.get("eta", 1.0)), flow)
     else:
-        raise StatesUnknown(f"it is not one of ComfyUI's samplers ('{name}', from another pack?), so A-STAR "
-                            "cannot tell which of its model calls starts a step.")
+        raise StatesUnknown(f"A-STAR has no rule for which model call of '{name}' starts a step (a sampler of "
+                            "another pack, or one that resizes the latent as it goes).")
     starts = [0] + list(torch.tensor(counts[:-1], dtype=torch.long).cumsum(0).tolist()) if counts else []
     return list(zip(starts, states))
 
