@@ -174,8 +174,9 @@ def _stock_sampler_nodes(host):
         add("SamplerSEEDS2", solver_type=solver, r=r, eta=0.0)
     for version in ("regular", "alternative"):
         add("SamplerEulerCFGpp", version=version)
-    for node in ("SamplerDPMAdaptative", "SamplerSASolver", "SamplerLCMUpscale"):
-        add(node)
+    add("SamplerDPMAdaptative")
+    add("SamplerSASolver", model=["ckpt", 0], use_pece=False, simple_order_2=False)
+    add("SamplerLCMUpscale")
     return cases
 
 
