@@ -107,9 +107,12 @@ class RunCapture:
     """Concept maps of the sampler's own passes, one set per denoising step, kept on the model's
     device during the run (no synchronisation per layer) and moved to the CPU once, by to_recording.
 
-    Per step: the concept maps of each layer (token-softmaxed per layer), and the layers' mean
-    probabilities, from which to_recording makes the maps as the guidance loss sees them (mean over
-    layers, then token softmax, then smoothing). The wrapper records only a step's state evaluation."""
+    Per step: the concept maps of each layer (token-softmaxed per layer), and the maps as the guidance
+    loss sees them (mean of the layers' probabilities, then token softmax; smoothed by to_recording).
+    Only the step being recorded holds its layers' probability sum [B, h*w, T]; once a record of another
+    step comes (or to_recording), it is reduced to its [B, C, h, w] maps, so the memory held does not grow
+    with the number of steps times h*w*T. The wrapper records only a step's state evaluation, and the
+    sampler evaluates its steps' states in order."""
 
     def __init__(self, level: int, words: list[str], token_groups: list[list[int]], uuids=None,
                  n_tokens: int | None = None, excluded: tuple[int, ...] | None = None):
@@ -120,12 +123,15 @@ class RunCapture:
         self.words = list(words)
         self.token_groups = [list(g) for g in token_groups]
         self.steps: dict[int, dict] = {}  # step -> {layer key: [B, C, h, w]}
-        self.sums: dict[int, list] = {}  # step -> [sum of probs [B, h*w, T], number of layers, (h, w)]
+        self.loss_maps: dict[int, torch.Tensor] = {}  # finished step -> [B, C, h, w], before smoothing
+        self.open: list | None = None  # [step, sum of probs [B, h*w, T], number of layers, (h, w)]
         self.sigmas: dict[int, float] = {}
 
     def record(self, key, probs: torch.Tensor, size: tuple[int, int], step) -> None:
         if step is None:
             return
+        if self.open is not None and self.open[0] != step:
+            self._close()
         layers = self.steps.setdefault(step, {})
         if key in layers:
             return
@@ -133,23 +139,25 @@ class RunCapture:
             probs = fold_repeated_context(probs.detach().float(), self.n_tokens)
             soft = token_softmax(probs, _excluded(self.excluded, probs.shape[-1]))
             layers[key] = concept_maps(soft, self.token_groups, *size)
-            total = self.sums.get(step)
-            if total is None or total[2] != size:
-                self.sums[step] = [probs.clone(), 1, size]
+            if self.open is None or self.open[3] != size:
+                self.open = [step, probs.clone(), 1, size]
             else:
-                total[0] += probs
-                total[1] += 1
+                self.open[1] += probs
+                self.open[2] += 1
 
-    def loss_view(self, step: int, smooth) -> torch.Tensor:
-        """[B, C, h, w] maps of the step as the loss sees them: layer mean, token softmax, smooth()."""
-        total, count, size = self.sums[step]
+    def _close(self) -> None:
+        """Reduce the open step's probability sum to its maps as the loss sees them (before smoothing)."""
+        step, total, count, size = self.open
+        self.open = None
         mean = total / count
-        return smooth(concept_maps(token_softmax(mean, _excluded(self.excluded, mean.shape[-1])),
-                                   self.token_groups, *size))
+        self.loss_maps[step] = concept_maps(token_softmax(mean, _excluded(self.excluded, mean.shape[-1])),
+                                            self.token_groups, *size)
 
     def to_recording(self, guidance_log: dict[int, dict] | None = None, smooth=lambda m: m) -> AttentionRecording:
         """guidance_log: step -> {"losses": {name: [B]}, "iterations": int, "trace", "maps"}: a guided
         step's maps as its guidance pass saw them (before its update). smooth: the loss's smoothing."""
+        if self.open is not None:
+            self._close()
         guidance_log = guidance_log or {}
         keys = sorted({k for layers in self.steps.values() for k in layers})
         rec = AttentionRecording(words=self.words, layers=keys)
@@ -158,7 +166,7 @@ class RunCapture:
             if set(layers) != set(keys):
                 continue  # a pass cut short (interrupt); keep only complete steps
             log = guidance_log.get(step, {})
-            seen = smooth(log["maps"]) if "maps" in log else self.loss_view(step, smooth)
+            seen = smooth(log["maps"]) if "maps" in log else smooth(self.loss_maps[step])
             rec.steps.append(StepRecord(
                 step=step, sigma=float(self.sigmas.get(step, float("nan"))),
                 maps=torch.stack([layers[k] for k in keys]).cpu(),

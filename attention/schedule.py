@@ -1,72 +1,81 @@
-"""When to guide, how far to move, and when to refine: Attend-and-Excite's schedule, stated in
-fractions of the sampled steps so that changing the step count keeps its meaning.
+"""When to guide, how far to move, and when to refine: Attend-and-Excite's schedule, on the clock of
+the model's noise levels, so that every sampler run of one model agrees on it.
 
-A step is placed by its position in the sampled schedule: step i of n has position i; a solver
-with its own time grid (dpm_fast, dpm_adaptive) has fractional positions (schedule_position).
-A&E at 50 steps: guide positions 0-24 (window 0 to 0.5), refine at 0, 10, 20 (fractions 0, 0.2, 0.4).
+A state at noise level sigma has the place f(sigma) in [0, 1] of the model's full noise schedule that
+ComfyUI's ConditioningSetTimestepRange uses: model_sampling.percent_to_sigma(f) = sigma (0 = pure noise,
+1 = clean). guidance_start/end, the step-size schedule and the refinement points are fractions on that
+clock, whatever part of the schedule a sampler run covers (hires fix, img2img, a KSamplerAdvanced
+segment, a refiner). A full txt2img run with the "normal" scheduler places its step i of n at
+f = i / (n - 1), so A&E's window 0-0.5 guides its first 25 of 50 steps, refines at 0, 10 and 20
+(points 0, 0.2, 0.4) and steps with A&E's step sizes.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 
 # A&E: at 0, 10 and 20 of 50 steps, refine until the weakest concept's smoothed peak reaches the value.
 AE_REFINEMENT_POINTS = MappingProxyType({0.0: 0.05, 0.2: 0.5, 0.4: 0.8})
-THRESHOLDS_FORMAT = ("comma-separated fraction:threshold pairs, fractions of the sampled steps in [0, 1), "
+THRESHOLDS_FORMAT = ("comma-separated fraction:threshold pairs, fractions of the model's noise schedule in [0, 1), "
                      "e.g. '0:0.05, 0.2:0.5, 0.4:0.8' (A&E's steps 0, 10, 20 of 50)")
+# refinement points compare fractions found by bisection: a point within this of a state belongs to it
+FRACTION_TOLERANCE = 1e-6
 
 
-def in_window(position: float, n_steps: int, start: float, end: float) -> bool:
-    """Whether the step at `position` (0-based, of n_steps) is guided: start*n <= position < end*n."""
-    return start * n_steps <= position < end * n_steps
+def in_window(sigma: float, sigma_start: float, sigma_end: float) -> bool:
+    """Whether a state at `sigma` is guided: sigma_end < sigma <= sigma_start, where sigma_start and
+    sigma_end are percent_to_sigma(guidance_start) and percent_to_sigma(guidance_end); equivalently
+    start <= f(sigma) < end."""
+    return sigma_end < sigma <= sigma_start
 
 
-def step_size_at(scale: float, position: float, n_steps: int, first: float = 1.0, last: float = 0.5) -> float:
-    """A&E's step size: scale * sqrt(linspace(first, last, n_steps)[i]), continued to fractional positions."""
-    if n_steps < 1:
-        raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+def schedule_fraction(sigma: float, percent_to_sigma: Callable[[float], float], iterations: int = 60) -> float:
+    """f(sigma): the fraction of the model's noise schedule at which its noise level is sigma, by bisection
+    of the decreasing percent_to_sigma on (0, 1) (its ends are special values in ComfyUI). 0 above the
+    schedule's first sigma, 1 at 0."""
+    lo, hi = 0.0, 1.0
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        if float(percent_to_sigma(mid)) > sigma:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def step_size_at(scale: float, fraction: float, first: float = 1.0, last: float = 0.5) -> float:
+    """A&E's step size on the noise clock: scale * sqrt(first + (last - first) * f); at f = i / (n - 1)
+    (step i of a full n-step "normal" run) A&E's scale * sqrt(linspace(first, last, n)[i])."""
     if first < 0 or last < 0:
         raise ValueError(f"first and last must be >= 0 (they go under a square root), got {first}, {last}")
-    if n_steps == 1:
-        return scale * math.sqrt(first)
-    return scale * math.sqrt(first + (last - first) * position / (n_steps - 1))
+    fraction = min(max(fraction, 0.0), 1.0)
+    return scale * math.sqrt(first + (last - first) * fraction)
 
 
-def schedule_position(sigma: float, sigmas: Sequence[float]) -> float:
-    """Fractional index of `sigma` in a descending schedule, interpolated in log sigma (linearly into 0).
-
-    An exact schedule value gives its index (the first of equal values); a sigma above the first
-    gives 0, below the last gives len(sigmas) - 1."""
-    values = [float(s) for s in sigmas]
-    for i, s in enumerate(values):
-        if sigma == s:
-            return float(i)
-    if sigma >= values[0]:
-        return 0.0
-    for i in range(len(values) - 1):
-        hi, lo = values[i], values[i + 1]
-        if hi > sigma > lo:
-            if lo > 0:
-                return i + (math.log(hi) - math.log(sigma)) / (math.log(hi) - math.log(lo))
-            return i + (hi - sigma) / hi
-    return float(len(values) - 1)
-
-
-def refinement_threshold(position: float, previous_position: float | None, n_steps: int,
-                         points: Mapping[float, float]) -> float | None:
-    """The threshold to refine at, for the guided step at `position` whose previous guided step was at
-    previous_position (None for the first): a point f applies at the first step with position >= f*n
-    (so at step ceil(f*n) when positions are whole). The highest such threshold when several apply."""
-    hits = [t for f, t in points.items()
-            if position >= f * n_steps and (previous_position is None or previous_position < f * n_steps)]
+def refinement_threshold(fraction: float, previous_fraction: float, points: Mapping[float, float]) -> float | None:
+    """The threshold to refine at, for the state at `fraction` whose preceding state in the schedule was at
+    previous_fraction: a point p applies at the first state at or past it, previous < p <= fraction. The
+    highest such threshold when several apply."""
+    hits = [t for p, t in points.items()
+            if previous_fraction < p - FRACTION_TOLERANCE and p <= fraction + FRACTION_TOLERANCE]
     return max(hits) if hits else None
+
+
+def previous_fractions(fractions: Sequence[float]) -> list[float]:
+    """For each state of a run (their fractions, in order), the fraction of the state before it; before
+    the run's first state, one step of the run earlier (extrapolated), so that a run starting mid-schedule
+    (a second KSamplerAdvanced segment) does not take a point that an earlier run already passed."""
+    if not fractions:
+        return []
+    gap = fractions[1] - fractions[0] if len(fractions) > 1 else fractions[0]
+    return [fractions[0] - max(gap, FRACTION_TOLERANCE * 2), *fractions[:-1]]
 
 
 def parse_thresholds(text: str) -> MappingProxyType:
     """Parse "0:0.05, 0.2:0.5, 0.4:0.8" into an immutable {fraction: threshold} mapping.
 
-    Fractions of the sampled steps in [0, 1), thresholds in [0, 1]; blank text means no refinement.
+    Fractions of the model's noise schedule in [0, 1), thresholds in [0, 1]; blank text means no refinement.
     Raises ValueError showing the expected format on anything else."""
     thresholds: dict[float, float] = {}
     for item in text.replace(";", ",").split(","):
@@ -83,7 +92,7 @@ def parse_thresholds(text: str) -> MappingProxyType:
                 f"cannot read {item!r} in refinement thresholds {text!r}: expected {THRESHOLDS_FORMAT}"
             ) from None
         if not 0.0 <= point < 1.0:
-            raise ValueError(f"refinement point {point} is not a fraction of the steps in [0, 1) in {text!r}: "
+            raise ValueError(f"refinement point {point} is not a fraction of the noise schedule in [0, 1) in {text!r}: "
                              f"expected {THRESHOLDS_FORMAT}")
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"refinement threshold {value} at {point} is outside [0, 1] in {text!r}")

@@ -16,7 +16,7 @@ from .joint_attention import DEFAULT_BLOCKS, add_joint_attention_hook
 from .joint_tokens import joint_token_layout
 from .model_family import UNET, model_family
 from .prompt import missing_concepts_error, prompt_tokens_of
-from .sampler_steps import UNGUIDABLE
+from .sampler_steps import NOT_PREDICTED, UNGUIDABLE
 from .sampling_wrapper import WRAPPER_KEY, AStarSampling
 from .widgets import check_options, fold_advanced
 
@@ -24,8 +24,9 @@ RESOLUTIONS = {"1/32": 2, "1/16": 1, "1/8": 0, "1/64": 3}  # of the image side -
 ORDER_NOTE = ("Patch order: apply attention-replacing patches (IPAdapter, NAG, ...) BEFORE this node; "
               "A-STAR chains to them. A patch applied after it replaces A-STAR's at the same layers.")
 MODEL_TOOLTIP = "An SD1.x/SD2.x/SDXL, Flux.1 or SD3/SD3.5 model (LoRAs and other patches welcome). " + ORDER_NOTE
-SAMPLERS_NOTE = (f"Every scheduler and every sampler but {', '.join(UNGUIDABLE.values())} (predictor-corrector "
-                 "samplers, refused with an error while guiding; they may record with guidance_end 0).")
+SAMPLERS_NOTE = (f"Every scheduler and every sampler but {', '.join(UNGUIDABLE.values())} (predictor-corrector) "
+                 f"and {', '.join(NOT_PREDICTED.values())} (steps chosen at run time): refused with an error "
+                 "while guiding; they may record with guidance_end 0.")
 AE_THRESHOLDS_TEXT = ", ".join(f"{p:g}:{t:g}" for p, t in AE_REFINEMENT_POINTS.items())
 DEFAULT_RESOLUTION = "1/32"
 # The widget each GuidanceConfig field comes from, where the names differ: errors name what the user sees.
@@ -74,15 +75,18 @@ def guidance_inputs():
                        tooltip="astar: segregation + retention losses (A-STAR, ICCV 2023). attend_excite: the "
                                "Attend-and-Excite loss (the weakest concept's peak attention), as published."),
         io.Float.Input("guidance_start", default=0.0, min=0.0, max=1.0, step=0.01,
-                       tooltip="First guided step, as a fraction of the steps the sampler runs (0 = the first)."),
+                       tooltip="Where guidance starts, as a fraction of the model's noise schedule (0 = pure noise), "
+                               "read as ConditioningSetTimestepRange reads its start. Every sampler run of the model "
+                               "(hires fix, img2img, KSamplerAdvanced segments, refiners) uses the same clock."),
         io.Float.Input("guidance_end", default=0.5, min=0.0, max=1.0, step=0.01,
-                       tooltip="Guided steps are start*steps <= i < end*steps of the steps the sampler runs "
-                               "(A&E: 0 to 0.5, its 25 of 50). With denoise < 1 the KSampler runs 'steps' "
-                               "steps, the last ones of a longer schedule; they are what is counted. "
-                               "0 = record only."),
+                       tooltip="Guided steps are those whose noise level lies between guidance_start and guidance_end "
+                               "of the model's noise schedule (start <= place < end). A full run with the 'normal' "
+                               "scheduler places step i of n at i/(n-1): 0 to 0.5 guides A&E's first 25 of 50 steps. "
+                               "A hires-fix pass at denoise 0.5 starts past 0.5, so it is not guided. 0 = record only."),
         io.Float.Input("step_size", default=20.0, min=0.0, max=1000.0, step=0.5,
-                       tooltip="Scale of the latent update; step i of n uses step_size * sqrt(linspace(1, 0.5, n)[i]) "
-                               "(A&E's schedule, default 20). 0 = the stock sampler's result, exactly."),
+                       tooltip="Scale of the latent update; a step at place f of the noise schedule uses "
+                               "step_size * sqrt(1 - f/2) (A&E's sqrt(linspace(1, 0.5, 50)) over a full 50-step run, "
+                               "default 20). 0 = the stock sampler's result, exactly."),
         io.Float.Input("segregation_weight", default=1.0, min=0.0, max=100.0, step=0.05,
                        tooltip="Weight of the segregation loss (less overlap between concepts' attention)."),
         io.Float.Input("retention_weight", default=1.0, min=0.0, max=100.0, step=0.05,
@@ -101,7 +105,8 @@ def guidance_inputs():
                                "attend_excite (A&E always refines), off for astar (A-STAR's paper does not refine; "
                                "with 'on' its measure is 1 - the mean pairwise overlap)."),
         io.String.Input("refine_thresholds", default=AE_THRESHOLDS_TEXT,
-                        tooltip="fraction:threshold pairs; fractions of the sampled steps (A&E's steps 0, 10, 20 of 50 "
+                        tooltip="fraction:threshold pairs; fractions of the model's noise schedule, like guidance_start/"
+                                "end: a point refines at the first step at or past it (A&E's steps 0, 10, 20 of 50 "
                                 "= 0, 0.2, 0.4). attend_excite: weakest concept peak >= threshold; astar: "
                                 "1 - mean pairwise overlap >= threshold."),
         io.Int.Input("max_refine_iters", default=20, min=1, max=200, tooltip="Cap on refinement iterations per point."),

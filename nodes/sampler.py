@@ -5,6 +5,8 @@ import comfy.samplers
 import nodes as comfy_nodes  # ComfyUI's nodes.py (common_ksampler); this package's own modules are relative
 from comfy_api.latest import io
 
+from ..attention.recording import AttentionRecording
+from ..attention.tokens import parse_concepts
 from .guidance_inputs import MODEL_TOOLTIP, ORDER_NOTE, SAMPLERS_NOTE, build_guidance, guidance_inputs
 from .types import AttentionType
 from .widgets import schema
@@ -55,4 +57,6 @@ class AStarKSampler(io.ComfyNode):
                                        layout_masks=layout_masks, **guidance)
         (latent,) = comfy_nodes.common_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, positive,
                                                 negative, latent_image, denoise=denoise)
-        return io.NodeOutput(latent, runs[-1])
+        # denoise 0: ComfyUI returns the input latent without running the sampler: nothing was recorded
+        recording = runs[-1] if runs else AttentionRecording(words=[s.label for s in parse_concepts(concepts)])
+        return io.NodeOutput(latent, recording)

@@ -1,36 +1,63 @@
-"""Where each step of a sampler begins: which model evaluation sees the latent of step i.
+"""Where each step of a sampler begins: the predicted schedule of (model call, sigma) of one run.
 
 The guidance updates the latent a sampler holds at the start of a step, in place, just before the
 model evaluation at that latent (the "state evaluation"); the sampler then integrates the step from
-the updated latent with its own history and noise. Samplers differ only in how the state
-evaluation is recognised among their model calls:
-- by sigma (most): the first call at sigma_i after step i-1's (step 0: the run's first call); the
-  extra calls of second-order and SDE samplers (dpm_2, dpmpp_sde, seeds, ...) fall at intermediate
-  sigmas;
-- by count (heun, heunpp2, dpm_2_ancestral, dpmpp_2s_ancestral, exp_heun_2_x0 and its SDE form): their
-  extra calls fall on the next schedule sigma (Heun's corrector; the ancestral midpoint
-  sqrt(sigma_i * sigma_down) is sigma_i+1 itself when eta = 1; exp_heun_2_x0's stage at r = 1), so step
-  i begins at a call number known from the schedule;
-- after each progress callback (dpm_fast, dpm_adaptive): their own time grid, one callback per
-  solver step, reported after the step.
-Predictor-corrector samplers that never evaluate the latent they continue from (uni_pc,
-uni_pc_bh2, sa_solver, sa_solver_pece) cannot be guided this way: they are refused by name.
-Pure Python; the sampler is known by its function's name.
+the updated latent with its own history and noise. Before a run's first model call, the sampler's
+function, its parameters (eta, r, ...) and the run's sigmas predict which call evaluates each step's
+state and at which sigma (predict_states); at each of those calls the sigma must be the predicted one,
+or the run stops with a clear error (StateSchedule.on_call).
+- one call per step (euler, lms, dpmpp_2m, the SDE multistep samplers, ...): call i, sigma_i;
+- a second (or third) stage call unless the step ends at sigma 0: heun, dpm_2, dpmpp_sde, seeds_2,
+  exp_heun_2_x0; seeds_3 (three); heunpp2 (one to three);
+- the ancestral second-order samplers (dpm_2_ancestral, dpmpp_2s_ancestral and its CFG++ form) make
+  their stage call unless the step goes down to 0 (sigma_down, from eta: at eta > ~1.7 every step is one
+  call); their flow-model forms (dispatched on the model's sampling, as the samplers do) decide on
+  their own downstep;
+- dpm_fast: its own grid of floor(n/3)+1 steps in log sigma between the run's first and last nonzero
+  sigma, orders 3, ..., 3, then 2, 1 or n%3 calls per step.
+Samplers whose states cannot be predicted are refused where a run would guide: dpm_adaptive (it
+accepts or rejects steps by its error estimate), the predictor-corrector methods whose model calls
+never see the latent they continue from (uni_pc, uni_pc_bh2, sa_solver, sa_solver_pece), samplers of
+other packs and s_churn > 0. A run that only records uses, for those, the first call at each sigma.
 """
 from __future__ import annotations
 
 import functools
+import math
+
+import torch
 
 # Samplers whose model calls never see the corrected latent the sampler continues from.
 UNGUIDABLE = {
     "sample_unipc": "uni_pc", "sample_unipc_bh2": "uni_pc_bh2",
     "sample_sa_solver": "sa_solver", "sample_sa_solver_pece": "sa_solver_pece",
 }
-COUNTED = ("sample_heun", "sample_heunpp2", "sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral",
-           "sample_dpmpp_2s_ancestral_cfg_pp", "sample_exp_heun_2_x0", "sample_exp_heun_2_x0_sde")
-OWN_GRID = ("dpm_fast_function", "dpm_adaptive_function", "sample_dpm_fast", "sample_dpm_adaptive")
-# Samplers whose progress callback reports another tensor than the latent of the step.
-CALLBACK_REPORTS_OTHER_X = ("sample_ipndm", "sample_ipndm_v", "sample_deis")
+ONE_CALL = {
+    "sample_euler", "sample_euler_ancestral", "sample_euler_cfg_pp", "sample_euler_ancestral_cfg_pp", "sample_lms",
+    "sample_dpmpp_2m", "sample_dpmpp_2m_cfg_pp", "sample_dpmpp_2m_sde", "sample_dpmpp_2m_sde_gpu",
+    "sample_dpmpp_2m_sde_heun", "sample_dpmpp_2m_sde_heun_gpu", "sample_dpmpp_3m_sde", "sample_dpmpp_3m_sde_gpu",
+    "sample_ddpm", "sample_lcm", "sample_ipndm", "sample_ipndm_v", "sample_deis", "sample_res_multistep",
+    "sample_res_multistep_cfg_pp", "sample_res_multistep_ancestral", "sample_res_multistep_ancestral_cfg_pp",
+    "sample_gradient_estimation", "sample_gradient_estimation_cfg_pp", "sample_er_sde",
+    "sample_euler_pp",  # SamplerEulerCFGpp's "regular" version (comfy_extras/nodes_advanced_samplers.py)
+}
+# extra stage calls unless the step ends at sigma 0
+STAGES_UNLESS_LAST = {"sample_heun": 2, "sample_dpm_2": 2, "sample_dpmpp_sde": 2, "sample_dpmpp_sde_gpu": 2,
+                      "sample_seeds_2": 2, "sample_exp_heun_2_x0": 2, "sample_exp_heun_2_x0_sde": 2,
+                      "sample_seeds_3": 3}
+# a midpoint call unless sigma_down is 0; the value says whether a flow model has its own form
+ANCESTRAL_MIDPOINT = {"sample_dpm_2_ancestral": True, "sample_dpmpp_2s_ancestral": True,
+                      "sample_dpmpp_2s_ancestral_cfg_pp": False}
+# samplers that move a flow model's first sigma 1 off 1 (offset_first_sigma_for_snr)
+OFFSET_FIRST_SIGMA = {"sample_dpmpp_sde", "sample_dpmpp_sde_gpu", "sample_dpmpp_2m_sde", "sample_dpmpp_2m_sde_gpu",
+                      "sample_dpmpp_2m_sde_heun", "sample_dpmpp_2m_sde_heun_gpu", "sample_dpmpp_3m_sde",
+                      "sample_dpmpp_3m_sde_gpu", "sample_er_sde", "sample_seeds_2", "sample_seeds_3",
+                      "sample_exp_heun_2_x0", "sample_exp_heun_2_x0_sde"}
+HAS_CHURN = {"sample_euler", "sample_heun", "sample_dpm_2", "sample_heunpp2"}
+DPM_FAST = "dpm_fast_function"  # comfy.samplers.ksampler("dpm_fast")
+NOT_PREDICTED = {"dpm_adaptive_function": "dpm_adaptive"}
+# a state's sigma must equal the prediction to this relative tolerance (dpm_fast recomputes its grid)
+SIGMA_RTOL = 1e-5
 
 
 def function_name(sampler_function) -> str:
@@ -40,85 +67,144 @@ def function_name(sampler_function) -> str:
     return getattr(sampler_function, "__name__", type(sampler_function).__name__)
 
 
+def display_name(name: str) -> str:
+    """The sampler's name as ComfyUI lists it (sample_euler -> euler)."""
+    return UNGUIDABLE.get(name) or NOT_PREDICTED.get(name) or name.removeprefix("sample_").removesuffix("_function")
+
+
 class UnguidableSampler(ValueError):
     pass
 
 
-def refuse_unguidable(name: str, guidable_names) -> None:
+class StatesUnknown(Exception):
+    """The states of this run cannot be predicted (the message says why)."""
+
+
+def refusal(name: str, reason: str, guidable_names) -> UnguidableSampler:
     """A clear error for a sampler that cannot be guided, naming the ones that can."""
-    if name in UNGUIDABLE:
-        raise UnguidableSampler(
-            f"A-STAR cannot guide the sampler '{UNGUIDABLE[name]}': it is a predictor-corrector method whose "
-            "model calls never see the latent it continues from, so a guidance update could not land on it. "
-            f"Use another sampler (for example {', '.join(guidable_names)}), or set guidance_end to 0 to "
-            "only record attention.")
+    return UnguidableSampler(
+        f"A-STAR cannot guide the sampler '{display_name(name)}': {reason} Use another sampler (for example "
+        f"{', '.join(guidable_names)}), or set guidance_end to 0 (or a window this run does not reach) to only "
+        "record attention.")
 
 
-def evaluations_per_step(name: str, sigmas: list[float]) -> list[int]:
-    """Model calls of each step of a COUNTED sampler for this schedule: one, plus a second where the
-    next sigma is not 0 (heun's corrector, the ancestral samplers' midpoint, exp_heun_2_x0's second
-    stage; heunpp2 below)."""
-    n = len(sigmas) - 1
-    if name != "sample_heunpp2":
-        return [1 if sigmas[i + 1] == 0 else 2 for i in range(n)]
-    end = sigmas[-1]
-    counts = []
-    for i in range(n):
-        if sigmas[i + 1] == end:
-            counts.append(1)
-        elif sigmas[i + 2] == end:
-            counts.append(2)
-        else:
-            counts.append(3)
+def _is_flow(model_sampling) -> bool:
+    import comfy.model_sampling
+    return isinstance(model_sampling, comfy.model_sampling.CONST)
+
+
+def _state_sigmas(name, sigmas: torch.Tensor, model_sampling) -> torch.Tensor:
+    if name in OFFSET_FIRST_SIGMA:
+        import comfy.k_diffusion.sampling as k
+        if hasattr(k, "offset_first_sigma_for_snr"):
+            return k.offset_first_sigma_for_snr(sigmas, model_sampling)
+    return sigmas
+
+
+def _heunpp2_calls(values: list[float]) -> list[int]:
+    end, counts = values[-1], []
+    for i in range(len(values) - 1):
+        counts.append(1 if values[i + 1] == end else 2 if values[i + 2] == end else 3)
     return counts
 
 
-class StepTracker:
-    """Sees every model call and callback of one sampler run; says which call starts which step.
+def _ancestral_calls(name, sigmas: torch.Tensor, eta: float, flow: bool) -> list[int]:
+    """Calls per step of an ancestral midpoint sampler: its midpoint is skipped where sigma_down is 0
+    (computed as the sampler computes it)."""
+    import comfy.k_diffusion.sampling as k
+    counts = []
+    for i in range(len(sigmas) - 1):
+        if flow and name == "sample_dpmpp_2s_ancestral":
+            down_is_zero = bool(sigmas[i + 1] == 0)
+        elif flow:  # dpm_2_ancestral_RF
+            down_is_zero = bool(sigmas[i + 1] * (1 + (sigmas[i + 1] / sigmas[i] - 1) * eta) == 0)
+        else:
+            down_is_zero = bool(k.get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)[0] == 0)
+        counts.append(1 if down_is_zero else 2)
+    return counts
 
-    on_call(sigma) -> the step index (0-based) when this call is a step's state evaluation, else None.
-    on_callback(i) after the sampler reports step i. position(step, sigma) is the step's place in the
-    schedule (its index; fractional for samplers with their own time grid)."""
 
-    def __init__(self, name: str, sigmas: list[float]):
-        self.name = name
+def _dpm_fast_states(sigmas: torch.Tensor) -> tuple[list[int], list[float]]:
+    """dpm_fast's own steps (comfy.samplers.ksampler's dpm_fast_function -> DPMSolver.dpm_solver_fast)."""
+    n = len(sigmas) - 1
+    sigma_min = sigmas[-1] if sigmas[-1] != 0 else sigmas[-2]
+    t_start, t_end = -torch.as_tensor(sigmas[0]).log(), -torch.as_tensor(sigma_min).log()
+    m = math.floor(n / 3) + 1
+    ts = torch.linspace(float(t_start), float(t_end), m + 1, device=sigmas.device)
+    orders = [3] * (m - 2) + [2, 1] if n % 3 == 0 else [3] * (m - 1) + [n % 3]
+    return orders, [float(t.neg().exp()) for t in ts[:len(orders)]]
+
+
+def predict_states(name: str, sigmas: torch.Tensor, options: dict, model_sampling) -> list[tuple[int, float]]:
+    """[(call index, sigma)] of each step's state evaluation, in step order, for the sampler function
+    `name` called with `options` (its keyword arguments) on `sigmas`. Raises StatesUnknown."""
+    if name in UNGUIDABLE:
+        raise StatesUnknown("it is a predictor-corrector method whose model calls never see the latent it "
+                            "continues from, so a guidance update could not land on it.")
+    if name in NOT_PREDICTED:
+        raise StatesUnknown("it accepts or rejects each of its own steps by an error estimate, so which model "
+                            "call starts a step is not known before the run.")
+    if name in HAS_CHURN and float(options.get("s_churn", 0.0) or 0.0) > 0:
+        raise StatesUnknown("with s_churn > 0 it evaluates each step at a raised noise level after adding noise.")
+    values = [float(s) for s in sigmas]
+    n = len(values) - 1
+    states = [float(s) for s in _state_sigmas(name, sigmas, model_sampling)[:n]]
+    if name == DPM_FAST:
+        if n < 1:
+            return []
+        counts, states = _dpm_fast_states(sigmas)
+    elif name in ONE_CALL:
+        counts = [1] * n
+    elif name in STAGES_UNLESS_LAST:
+        counts = [1 if values[i + 1] == 0 else STAGES_UNLESS_LAST[name] for i in range(n)]
+    elif name == "sample_heunpp2":
+        counts = _heunpp2_calls(values)
+    elif name in ANCESTRAL_MIDPOINT:
+        flow = ANCESTRAL_MIDPOINT[name] and _is_flow(model_sampling)
+        counts = _ancestral_calls(name, sigmas, float(options.get("eta", 1.0)), flow)
+    else:
+        raise StatesUnknown(f"A-STAR has no rule for which model call of '{name}' starts a step (a sampler of "
+                            "another pack, or one that resizes the latent as it goes).")
+    starts = [0] + list(torch.tensor(counts[:-1], dtype=torch.long).cumsum(0).tolist()) if counts else []
+    return list(zip(starts, states))
+
+
+class StateSchedule:
+    """The predicted states of one run, checked as its model calls come.
+
+    on_call(sigma) -> the step index (0-based) when this call is a step's state evaluation, else None;
+    raises RuntimeError when a predicted state call comes at another sigma. Without a prediction (a run
+    that only records), the first call at each sigma of the run is taken as that step's state."""
+
+    def __init__(self, sampler: str, sigmas: list[float], states: list[tuple[int, float]] | None):
+        self.sampler = sampler
         self.sigmas = [float(s) for s in sigmas]
-        self.n_steps = len(self.sigmas) - 1
-        self.rule = "count" if name in COUNTED else "callback" if name in OWN_GRID else "sigma"
-        self.next_step = 0
+        self.states = states
+        self.by_call = {call: (step, sigma) for step, (call, sigma) in enumerate(states)} if states is not None else None
         self.calls = 0
-        self._awaiting_state = True  # "callback" rule: the next call starts a step
-        if self.rule == "count":
-            starts, total = {}, 0
-            for i, count in enumerate(evaluations_per_step(name, self.sigmas)):
-                starts[total] = i
-                total += count
-            self._starts = starts
+        self.next_step = 0
+
+    def state_sigma(self, step: int) -> float:
+        return self.states[step][1] if self.states is not None else self.sigmas[step]
 
     def on_call(self, sigma: float) -> int | None:
         call = self.calls
         self.calls += 1
-        if self.rule == "count":
-            return self._starts.get(call)
-        if self.rule == "callback":
-            if not self._awaiting_state:
-                return None
-            self._awaiting_state = False
-            step = self.next_step
-            self.next_step += 1
-            return step
-        # The first call evaluates the initial latent, whatever its sigma: samplers working in log-SNR
-        # move a flow model's sigma 1 to 0.9999 (offset_first_sigma_for_snr).
-        if self.next_step < self.n_steps and (call == 0 or sigma == self.sigmas[self.next_step]):
-            step = self.next_step
-            self.next_step += 1
-            return step
-        return None
-
-    def on_callback(self, step: int) -> None:
-        self._awaiting_state = True
-
-    @property
-    def checks_callback_x(self) -> bool:
-        """Whether the progress callback of a step reports the very latent of its state evaluation."""
-        return self.rule == "sigma" and self.name not in CALLBACK_REPORTS_OTHER_X
+        if self.by_call is None:
+            # The first call evaluates the initial latent, whatever its sigma (log-SNR samplers move a flow
+            # model's sigma 1 to 0.9999).
+            if self.next_step < len(self.sigmas) - 1 and (call == 0 or sigma == self.sigmas[self.next_step]):
+                self.next_step += 1
+                return self.next_step - 1
+            return None
+        hit = self.by_call.get(call)
+        if hit is None:
+            return None
+        step, expected = hit
+        if not math.isclose(sigma, expected, rel_tol=SIGMA_RTOL, abs_tol=0.0):
+            raise RuntimeError(
+                f"A-STAR: the sampler '{display_name(self.sampler)}' evaluated model call {call} at sigma "
+                f"{sigma:.6g}, where A-STAR expected the start of step {step} at sigma {expected:.6g}: its steps "
+                "do not run as predicted for these settings, so guidance would land on the wrong latent. "
+                "Use another sampler or set guidance_end to 0.")
+        return step

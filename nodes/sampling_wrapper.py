@@ -1,9 +1,11 @@
 """The sampling mechanism: a SAMPLER_SAMPLE wrapper under which the user's sampler runs once, over the
 whole schedule, and the latent it holds is updated in place at the start of each guided step.
 
-The sampler's function is given a model that, at the model call that evaluates a step's latent
-(sampler_steps.py says which), first takes the guidance step on that very tensor, then calls the
-real model. The sampler integrates every step itself, from the updated latent, keeping its history
+Which states are guided, how far and where refinement runs are decided on the model's noise clock
+(attention/schedule.py), so every run of a patched model (hires fix, refiner, KSamplerAdvanced
+segments) guides only where a full txt2img run would. The sampler's function is given a model that, at
+the model call that evaluates a step's latent (predicted before the run by sampler_steps.py, checked
+at each such call), first takes the guidance step on that very tensor, then calls the real model. The sampler integrates every step itself, from the updated latent, keeping its history
 (multistep), its noise sampler (ancestral, SDE) and its second-order corrections: with step size 0
 the run is the stock run, bit for bit. The sampler object is never changed: a copy carries the
 wrapped function down the rest of ComfyUI's wrapper chain.
@@ -27,7 +29,8 @@ from ..attention.guidance import GuidanceConfig, guided_step
 from ..attention.maps import downsample_level, gaussian_smooth, resize_mask
 from ..attention.recording import AttentionRecording
 from ..attention.saved_tensors import saved_tensor_policy
-from ..attention.schedule import in_window, refinement_threshold, schedule_position, step_size_at
+from ..attention.schedule import (in_window, previous_fractions, refinement_threshold, schedule_fraction,
+                                  step_size_at)
 from ..attention.tokens import ConceptSpec
 from .attention_patch import CAPTURES_KEY, STEP_KEY
 from .autograd_weights import casts_weights, control_modules, gradient_to_input, make_autograd_safe
@@ -35,7 +38,8 @@ from .gradient_path import GradientWatch, hook_swapped_weights, patch_networks, 
 from .joint_tokens import joint_token_layout
 from .model_family import UNET
 from .prompt import PROMPT_KEY, context_tokens, missing_concepts_error, prompt_tokens_of
-from .sampler_steps import StepTracker, UNGUIDABLE, function_name, refuse_unguidable
+from .sampler_steps import (UNGUIDABLE, NOT_PREDICTED, StateSchedule, StatesUnknown, function_name, predict_states,
+                            refusal)
 
 WRAPPER_KEY = "astar_guidance"
 
@@ -57,7 +61,7 @@ def _active(entries, sigma) -> bool:
 
 
 def guidable_sampler_names() -> list[str]:
-    refused = set(UNGUIDABLE.values())
+    refused = set(UNGUIDABLE.values()) | set(NOT_PREDICTED.values())
     return [n for n in comfy.samplers.KSampler.SAMPLERS if n not in refused]
 
 
@@ -118,9 +122,6 @@ class AStarSampling:
         if not hasattr(sampler, "sampler_function"):
             raise ValueError(f"A-STAR works with ComfyUI's KSAMPLER samplers; got {type(sampler).__name__}")
         name = function_name(sampler.sampler_function)
-        guiding = self.config.moves and self.config.end > self.config.start
-        if guiding:
-            refuse_unguidable(name, guidable_sampler_names())
         run = _GuidedRun(self, guider, sigmas, extra_args, name)
         own = copy.copy(sampler)  # the user's sampler object is shared: never change it
         own.sampler_function = run.wrap(sampler.sampler_function)
@@ -141,7 +142,6 @@ class _GuidedRun:
         self.guider = guider
         self.sampler_name = sampler_name
         self.sigmas = [float(s) for s in sigmas]
-        self.n_steps = len(self.sigmas) - 1
         self.positive = guider.conds.get("positive")
         prompt = prompt_tokens_of(self.positive)
         if not owner.specs:  # an empty concepts widget: said now that the prompt is known, before any work
@@ -163,54 +163,57 @@ class _GuidedRun:
         self.passes = GuidancePasses(owner.level, lean=owner.lean and not owner.single_pass, **source)
         self.log: dict[int, dict] = {}
         self.masks = None
-        self.previous_position = None
         self.base_options = extra_args["model_options"]
-        self.tracker = StepTracker(sampler_name, self.sigmas)
-        self.guided_x: dict[int, torch.Tensor] = {}
+        sampling = guider.inner_model.model_sampling
+        self.percent_to_sigma = sampling.percent_to_sigma
+        # the window on the noise clock: sigma_end < sigma <= sigma_start
+        self.sigma_start = float(sampling.percent_to_sigma(self.config.start))
+        self.sigma_end = float(sampling.percent_to_sigma(self.config.end))
+        self.schedule: StateSchedule | None = None  # made when the sampler's function is called
+        self.fractions: list[float] = []
+        self.previous: list[float] = []
+
+    def guides(self, sigma_max: float, sigma_min: float) -> bool:
+        """Whether a run whose states lie in [sigma_min, sigma_max] may take a guidance step."""
+        return (self.config.moves and self.config.end > self.config.start
+                and sigma_max > self.sigma_end and sigma_min <= self.sigma_start)
+
+    def plan(self, model_k, sigmas, options: dict) -> None:
+        """Predict the run's states before its first model call; refuse a sampler whose states cannot be
+        placed when this run would guide."""
+        try:
+            states = predict_states(self.sampler_name, sigmas, options, self.guider.inner_model.model_sampling)
+        except StatesUnknown as unknown:
+            nonzero = [s for s in self.sigmas if s > 0]
+            if nonzero and self.guides(max(nonzero), min(nonzero)):
+                raise refusal(self.sampler_name, str(unknown), guidable_sampler_names()) from None
+            states = None  # records only: the first call at each sigma
+        self.schedule = StateSchedule(self.sampler_name, self.sigmas, states)
+        state_sigmas = [s for _, s in states] if states is not None else self.sigmas[:-1]
+        self.fractions = [schedule_fraction(s, self.percent_to_sigma) for s in state_sigmas]
+        self.previous = previous_fractions(self.fractions)
 
     # --- the sampler's side -------------------------------------------------------------------
     def wrap(self, sampler_function):
         def guided_sampler_function(model, x, sigmas, *args, extra_args=None, callback=None, **kwargs):
+            self.plan(model, sigmas, kwargs)
             return sampler_function(_GuidedModel(model, self), x, sigmas, *args, extra_args=extra_args,
-                                    callback=self._callback(callback), **kwargs)
+                                    callback=callback, **kwargs)
         return guided_sampler_function
-
-    def _callback(self, callback):
-        def on_step(info, **kwargs):
-            step = info.get("i")
-            self.tracker.on_callback(step)
-            self._check_reported_latent(step, info.get("x"))
-            if callback is not None:
-                return callback(info, **kwargs)
-        return on_step
-
-    def _check_reported_latent(self, step, x) -> None:
-        """The sampler's report of step i must show the latent guided at step i (a sampler of another
-        pack whose calls A-STAR misreads gets a clear error instead of a silent wrong result)."""
-        guided = self.guided_x.pop(step, None)
-        if guided is None or not self.tracker.checks_callback_x or x is None:
-            return
-        if x is not guided:
-            raise RuntimeError(
-                f"A-STAR cannot tell where the steps of sampler '{self.sampler_name}' begin (step {step} was "
-                f"reported from another latent than the one guided). Use one of: "
-                f"{', '.join(guidable_sampler_names())}.")
 
     def model_call(self, model, x, sigma, extra_args):
         """What the sampler's model call does: guide first when it evaluates a step's latent."""
         sigma0 = sigma.reshape(-1)[0]
         sigma_value = float(sigma0)
-        step = self.tracker.on_call(sigma_value)
+        step = self.schedule.on_call(sigma_value)
         if step is None:
             return model(x, sigma, **extra_args)
-        position = step if self.tracker.rule != "callback" else schedule_position(sigma_value, self.sigmas)
         self.capture.sigmas[step] = sigma_value
-        if in_window(position, self.n_steps, self.config.start, self.config.end):
+        if in_window(sigma_value, self.sigma_start, self.sigma_end):
             if _active(self.entries, sigma_value):
-                x_new, output = self._guide(model, x, sigma, step, position, extra_args)
+                x_new, output = self._guide(model, x, sigma, step, extra_args)
                 if x_new is not None:
                     x.copy_(x_new)  # in place: the sampler continues from this very tensor
-                    self.guided_x[step] = x  # checked against the sampler's report of this step
                 if output is not None:  # single pass: the call already ran, at the latent before the update
                     return output
             else:
@@ -245,7 +248,7 @@ class _GuidedRun:
                                            latent_image=model_k.latent_image.clone())
         return x * mask + known.detach() * (1.0 - mask)
 
-    def _guide(self, model_k, x, sigma_call, step, position, extra_args):
+    def _guide(self, model_k, x, sigma_call, step, extra_args):
         """One guided step on the sampler's latent x (ComfyUI's x). Returns (the updated latent, or None when
         nothing moved (step size 0): the sampler's latent then stays bit for bit what it was; the model call's
         output in single-pass mode, else None).
@@ -307,8 +310,9 @@ class _GuidedRun:
             size = tuple(x.shape[-2:])
             if self.passes.layers is None:
                 self.passes.layers = self.owner.learned_layers.get(size) or self.owner.planned_layers(size)
-            threshold = refinement_threshold(position, self.previous_position, self.n_steps, config.refine_points)
-            alpha = step_size_at(config.scale, position, self.n_steps) / c_in ** 2
+            fraction = self.fractions[step]
+            threshold = refinement_threshold(fraction, self.previous[step], config.refine_points)
+            alpha = step_size_at(config.scale, fraction) / c_in ** 2
             # only where a gradient is taken: at step size 0 a single-pass call is the stock call
             moves = alpha > 0 and config.moves
             compute_dtype = model.manual_cast_dtype or model.get_dtype()
@@ -323,7 +327,6 @@ class _GuidedRun:
             x_new = torch.where(moved.view(-1, *([1] * (x.dim() - 1))), result.latent.to(x.dtype), x)
         if self.passes.layers is not None:
             self.owner.learned_layers[size] = self.passes.layers
-        self.previous_position = position
         self.masks = result.masks
         self.log[step] = {"losses": result.losses, "iterations": result.iterations, "trace": result.trace,
                           "maps": result.maps}

@@ -129,7 +129,8 @@ def guided_graph(family, steps=3, guided_steps=2, batch=1, hook=False, capture="
     """graph() with A-STAR Apply between the model (or the test hook node) and the stock KSampler."""
     g = graph(family, steps=steps, batch=batch, hook=hook, capture=capture)
     settings.setdefault("resolution", "1/32")  # attention_resolution is the UNets'; joint models leave its default
-    inputs = guidance_settings(guided_steps=guided_steps, steps=steps, **settings)
+    inputs = guidance_settings(guided_steps=guided_steps, steps=steps, scheduler=g["sampler"]["inputs"]["scheduler"],
+                               **settings)
     g["apply"] = {"class_type": "AStarApply", "inputs": {"model": g["sampler"]["inputs"]["model"], **inputs}}
     g["sampler"]["inputs"]["model"] = ["apply", 0]
     return g

@@ -320,12 +320,13 @@ def test_batches_have_losses_per_sample(host, mini_ckpt, batch):
 # img2img and inpainting
 # ------------------------------------------------------------------------------------------------
 
-def test_img2img_counts_guided_steps_on_the_steps_run(host, mini_ckpt):
-    """ComfyUI's KSampler with denoise d runs `steps` steps: the last ones of a steps/d schedule.
-    (It does not run steps*d steps.) Guided steps count on those."""
+def test_img2img_guides_on_the_noise_clock_of_the_full_schedule(host, mini_ckpt):
+    """ComfyUI's KSampler with denoise d runs `steps` steps: the last ones of a steps/d schedule (it does
+    not run steps*d steps). The window is read on the model's noise schedule, as ConditioningSetTimestepRange
+    reads it: a step is guided iff percent_to_sigma(end) < its sigma <= percent_to_sigma(start)."""
     import comfy.samplers
     steps, denoise, guided = 4, 0.5, 3
-    g = graph(mini_ckpt, steps=steps, guided_steps=guided)
+    g = graph(mini_ckpt, steps=steps, guided_steps=guided)  # guidance_end 2.5/3: of a full 4-step run, 3 guided
     g["first"] = {"class_type": "KSampler", "inputs": {**{k: g["sampler"]["inputs"][k] for k in (
         "model", "seed", "cfg", "sampler_name", "scheduler", "positive", "negative", "latent_image")},
         "steps": 2, "denoise": 1.0}}
@@ -337,7 +338,9 @@ def test_img2img_counts_guided_steps_on_the_steps_run(host, mini_ckpt):
     expected = comfy.samplers.calculate_sigmas(sampling, "normal", int(steps / denoise))[-(steps + 1):-1]
     assert [s.step for s in rec.steps] == list(range(steps))
     assert [s.sigma for s in rec.steps] == pytest.approx(expected.tolist(), rel=1e-5)
-    assert [s.iterations > 0 for s in rec.steps] == [True] * guided + [False] * (steps - guided)
+    end = sampling.percent_to_sigma(g["sampler"]["inputs"]["guidance_end"])
+    # the 8-step schedule's states 4..7 sit at 4/7, 5/7, 6/7, 1 of it: the first two are before 2.5/3
+    assert [s.iterations > 0 for s in rec.steps] == [float(s) > end for s in expected] == [True, True, False, False]
 
 
 def test_inpainting_with_a_noise_mask(host, mini_ckpt):

@@ -3,17 +3,16 @@
 With step size 0 every update is zero, so for every sampler and scheduler the result must be the
 stock KSampler's, bit for bit (with and without a denoise mask); with a step size the update lands
 on the latent the sampler continues from, which reference loops written here check for one sampler
-of each family (test_guided.py). Mini model at 32 px: the matrix must fit in CI."""
+of each family (test_guided.py), at exactly the window's states of every sampler (test_schedule.py). Mini model at 32 px: the matrix must fit in CI."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from support import host as hosts
 from support.graphs import sd15_graph
 
 STEPS, GUIDED = 4, 2
-UNGUIDABLE = ("uni_pc", "uni_pc_bh2", "sa_solver", "sa_solver_pece")
+UNGUIDABLE = ("uni_pc", "uni_pc_bh2", "sa_solver", "sa_solver_pece", "dpm_adaptive")
 
 
 def _graph(ckpt, sampler_name, scheduler="normal", step_size=0.0, masked=False, stock=False, **kw):
@@ -62,30 +61,6 @@ def test_step_size_zero_is_the_stock_sampler_for_every_scheduler(host, mini_ckpt
             if not torch.equal(stock, _latent(host, mini_ckpt, name, scheduler=scheduler)):
                 failures.append(f"{name}/{scheduler}")
     assert not failures, failures
-
-
-def test_every_guidable_sampler_is_guided_at_each_guided_step(host, mini_ckpt):
-    """With a step size, each guidable sampler runs exactly the guided steps' updates (one per
-    step, recorded with its loss) and its result moves; the unguidable ones are refused by name."""
-    import comfy.samplers
-    failures = []
-    for name in comfy.samplers.KSampler.SAMPLERS:
-        g = _graph(mini_ckpt, name, step_size=20.0)
-        if name in UNGUIDABLE:
-            with pytest.raises(hosts.GraphError, match=f"cannot guide the sampler '{name}'.*euler"):
-                host.run(g)
-            continue
-        latent, rec = host.run(g)["sampler"]
-        guided = [s.step for s in rec.steps if s.iterations]
-        # dpm_fast / dpm_adaptive run their own solver steps: those that start inside the window
-        own_grid = name in ("dpm_fast", "dpm_adaptive")
-        if (guided[:1] != [0] if own_grid else guided != list(range(GUIDED))):
-            failures.append(f"{name}: guided steps {guided}")
-        elif not all("total" in s.losses for s in rec.steps if s.iterations):
-            failures.append(f"{name}: a guided step has no loss")
-        elif torch.equal(latent["samples"], _latent(host, mini_ckpt, name, stock=True)):
-            failures.append(f"{name}: the guided result equals the stock one")
-    assert not failures, "\n".join(failures)
 
 
 def test_one_progress_bar_for_the_whole_run(host, mini_ckpt, monkeypatch):

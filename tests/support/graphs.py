@@ -2,17 +2,24 @@
 from __future__ import annotations
 
 
-def window_end(guided_steps: int, steps: int) -> float:
-    """guidance_end that guides exactly the first `guided_steps` of `steps` (i < end * steps): halfway between
-    the last guided step and the first unguided one, so float rounding of end * steps cannot move it."""
-    return min(1.0, (guided_steps - 0.5) / steps) if guided_steps else 0.0
+def window_end(guided_steps: int, steps: int, scheduler: str = "normal") -> float:
+    """guidance_end that guides exactly the first `guided_steps` of a full `steps`-step run. The window is a
+    fraction of the model's noise schedule (percent_to_sigma): ComfyUI's "normal" scheduler places step i at
+    i / (steps - 1) of it, "simple" at i / steps. Halfway between the last guided step and the first unguided
+    one, so float rounding cannot move it."""
+    if not guided_steps:
+        return 0.0
+    if guided_steps >= steps:
+        return 1.0
+    return (guided_steps - 0.5) / (steps - 1 if scheduler == "normal" else steps)
 
 
 def guidance_settings(concepts="cat, frog", resolution="1/16", mode="astar", guided_steps=2, steps=3,
-                      step_size=20.0, **overrides):
+                      step_size=20.0, scheduler="normal", **overrides):
     """Every A-STAR guidance input (A-STAR Apply / KSampler), the first `guided_steps` steps guided."""
     inputs = {"concepts": concepts, "attention_resolution": resolution, "mode": mode, "guidance_start": 0.0,
-              "guidance_end": window_end(guided_steps, steps), "step_size": step_size, "segregation_weight": 1.0,
+              "guidance_end": window_end(guided_steps, steps, scheduler), "step_size": step_size,
+              "segregation_weight": 1.0,
               "retention_weight": 1.0, "binarization": "fraction", "mask_fraction": 0.5, "smoothing": True,
               "refine": "off", "refine_thresholds": "0:0.05, 0.2:0.5, 0.4:0.8", "max_refine_iters": 20}
     inputs.update(overrides)
@@ -33,7 +40,8 @@ def sd15_graph(ckpt, *, sampler="AStarKSampler", prompt="a cat and a frog", nega
               "scheduler": scheduler, "positive": ["pos", 0], "negative": ["neg", 0],
               "latent_image": ["latent", 0], "denoise": 1.0}
     if sampler == "AStarKSampler":
-        common.update(guidance_settings(concepts, resolution, mode, guided_steps, steps, step_size, **guidance))
+        common.update(guidance_settings(concepts, resolution, mode, guided_steps, steps, step_size, scheduler,
+                                        **guidance))
     g["sampler"] = {"class_type": sampler, "inputs": common}
     if decode:
         g["decode"] = {"class_type": "VAEDecode", "inputs": {"samples": ["sampler", 0], "vae": ["ckpt", 2]}}

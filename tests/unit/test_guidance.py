@@ -13,8 +13,9 @@ from attention.schedule import (
     AE_REFINEMENT_POINTS,
     in_window,
     parse_thresholds,
+    previous_fractions,
     refinement_threshold,
-    schedule_position,
+    schedule_fraction,
     step_size_at,
 )
 
@@ -47,62 +48,80 @@ def sigmoid_maps_fn(z):
 # --- schedule -------------------------------------------------------------------------------
 
 
+def edm_percent_to_sigma(p, sigma_min=0.03, sigma_max=14.6):
+    """A model's noise clock written here (log-linear, ComfyUI's EDM form; ends as ComfyUI special-cases them)."""
+    if p <= 0.0:
+        return 999999999.9
+    if p >= 1.0:
+        return 0.0
+    return math.exp(math.log(sigma_min) + (1.0 - p) * (math.log(sigma_max) - math.log(sigma_min)))
+
+
+def full_run(n, sigma_min=0.03, sigma_max=14.6):
+    """The states of a full n-step run placed like ComfyUI's "normal" scheduler: state i at fraction i/(n-1),
+    from sigma_max down to sigma_min (the clock's special values at 0 and 1 are not states)."""
+    return [math.exp(math.log(sigma_max) + i / (n - 1) * (math.log(sigma_min) - math.log(sigma_max)))
+            for i in range(n)]
+
+
 def test_step_sizes_follow_attend_and_excite():
-    sizes = [step_size_at(20.0, i, 50) for i in range(50)]
-    assert sizes[0] == pytest.approx(20.0)
-    assert sizes[-1] == pytest.approx(20.0 * math.sqrt(0.5))
-    assert sizes[10] == pytest.approx(20.0 * math.sqrt(1.0 - 0.5 * 10 / 49))
-    assert all(a > b for a, b in zip(sizes, sizes[1:]))
-    assert step_size_at(7.0, 0, 1) == 7.0
-    # A&E's np.linspace(1.0, 0.5, 50), written out
-    assert step_size_at(20.0, 24, 50) == pytest.approx(20.0 * math.sqrt(1.0 + (0.5 - 1.0) * 24 / 49))
+    fractions = [schedule_fraction(s, edm_percent_to_sigma) for s in full_run(50)]
+    assert fractions == pytest.approx([i / 49 for i in range(50)], abs=1e-9)
+    sizes = [step_size_at(20.0, f) for f in fractions]
+    # A&E's scale * sqrt(np.linspace(1.0, 0.5, 50)), written out
+    assert sizes == pytest.approx([20.0 * math.sqrt(1.0 + (0.5 - 1.0) * i / 49) for i in range(50)], rel=1e-9)
+    assert step_size_at(7.0, 0.0) == 7.0
+    assert schedule_fraction(100.0, edm_percent_to_sigma) == pytest.approx(0.0, abs=1e-12)  # above the schedule
+    assert schedule_fraction(0.0, edm_percent_to_sigma) == pytest.approx(1.0, abs=1e-12)
 
 
 @pytest.mark.parametrize("steps, start, end, guided", [
     (50, 0.0, 0.5, list(range(25))),   # A&E: 25 of 50
-    (20, 0.0, 0.5, list(range(10))),
-    (25, 0.0, 0.5, list(range(13))),   # 12.5 -> positions 0..12
-    (10, 0.2, 0.6, [2, 3, 4, 5]),
+    (20, 0.0, 0.5, list(range(10))),   # i/19 < 0.5
+    (26, 0.0, 0.5, list(range(13))),   # i/25 < 0.5: 0..12 (the old count-based rule, i < 13: the same)
+    (24, 0.0, 0.5, list(range(12))),   # i/23 < 0.5: 0..11
+    (12, 0.2, 0.6, [3, 4, 5, 6]),     # 0.2 <= i/11 < 0.6
     (10, 0.0, 0.0, []),
+    (10, 0.0, 1.0, list(range(10))),
 ])
-def test_guidance_window_in_fractions_of_the_sampled_steps(steps, start, end, guided):
-    assert [i for i in range(steps) if in_window(i, steps, start, end)] == guided
+def test_guidance_window_on_the_noise_clock(steps, start, end, guided):
+    sigma_start, sigma_end = edm_percent_to_sigma(start), edm_percent_to_sigma(end)
+    assert [i for i, s in enumerate(full_run(steps)) if in_window(s, sigma_start, sigma_end)] == guided
 
 
-def test_refinement_points_are_fractions_of_the_steps():
+def test_a_run_below_the_window_guides_nothing():
+    """Hires fix at denoise 0.5: the states of the second run all lie below sigma_at(0.5)."""
+    second = [edm_percent_to_sigma(0.5 + 0.5 * i / 12) for i in range(1, 12)]
+    assert not any(in_window(s, edm_percent_to_sigma(0.0), edm_percent_to_sigma(0.5)) for s in second)
+
+
+def refined(fractions, points=AE_REFINEMENT_POINTS):
+    return {i: t for i, (f, prev) in enumerate(zip(fractions, previous_fractions(fractions)))
+            if (t := refinement_threshold(f, prev, points)) is not None}
+
+
+def test_refinement_points_are_fractions_of_the_noise_schedule():
     assert dict(AE_REFINEMENT_POINTS) == {0.0: 0.05, 0.2: 0.5, 0.4: 0.8}
     with pytest.raises(TypeError):
         AE_REFINEMENT_POINTS[0.5] = 0.1
 
-    def refined_steps(n):
-        out, previous = {}, None
-        for i in range(n):
-            t = refinement_threshold(i, previous, n, AE_REFINEMENT_POINTS)
-            if t is not None:
-                out[i] = t
-            previous = i
-        return out
-    assert refined_steps(50) == {0: 0.05, 10: 0.5, 20: 0.8}  # A&E's steps 0, 10, 20 of 50
-    assert refined_steps(20) == {0: 0.05, 4: 0.5, 8: 0.8}
-    assert refined_steps(12) == {0: 0.05, 3: 0.5, 5: 0.8}  # ceil(2.4) = 3, ceil(4.8) = 5
-    # fractional positions (a solver with its own grid): the first step at or past the point
-    assert refinement_threshold(2.7, 1.9, 10, {0.2: 0.5}) == 0.5
-    assert refinement_threshold(3.5, 2.7, 10, {0.2: 0.5}) is None
-
-
-def test_schedule_position_interpolates_in_log_sigma():
-    sigmas = [14.6, 4.0, 1.0, 0.0]
-    assert schedule_position(4.0, sigmas) == 1.0
-    assert schedule_position(2.0, sigmas) == pytest.approx(1.5)  # halfway in log between 4 and 1
-    assert schedule_position(0.5, sigmas) == pytest.approx(2.5)  # linear into 0
-    assert schedule_position(20.0, sigmas) == 0.0
+    def run(n):
+        return [schedule_fraction(s, edm_percent_to_sigma) for s in full_run(n)]
+    assert refined(run(50)) == {0: 0.05, 10: 0.5, 20: 0.8}  # A&E's steps 0, 10, 20 of 50
+    assert refined(run(20)) == {0: 0.05, 4: 0.5, 8: 0.8}  # i/19 >= 0.2, 0.4
+    assert refined(run(12)) == {0: 0.05, 3: 0.5, 5: 0.8}
+    # a second KSamplerAdvanced segment (steps 6-49 of 50) does not refine at point 0 again; 0.2 and 0.4
+    # fall on the same states as in the full run
+    assert {i + 6: t for i, t in refined(run(50)[6:]).items()} == {10: 0.5, 20: 0.8}
+    # a run starting past 0.2 (img2img) takes 0.4 where the full run does, and not 0 or 0.2
+    assert {i + 12: t for i, t in refined(run(50)[12:]).items()} == {20: 0.8}
 
 
 def test_refinement_thresholds_parse():
     parsed = parse_thresholds(" 0:0.05, 0.2:0.5,0.4 : 0.8 ")
     assert isinstance(parsed, MappingProxyType) and dict(parsed) == {0.0: 0.05, 0.2: 0.5, 0.4: 0.8}
     assert dict(parse_thresholds("")) == {}
-    with pytest.raises(ValueError, match=r"fraction of the steps in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"fraction of the noise schedule in \[0, 1\)"):
         parse_thresholds("10:0.5")  # a step index of the old format
 
 
