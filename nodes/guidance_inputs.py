@@ -42,10 +42,10 @@ def joint_blocks_input():
     # optional: API-format prompts saved before this input existed stay valid
     return io.String.Input(
         "joint_blocks", default="", optional=True,
-        tooltip="Flux.1 and SD3/SD3.5 only: the joint-attention blocks whose text attention makes the maps, as "
-                "TYPE:all, TYPE:N or TYPE:A-B items separated by commas. Empty = the default: "
-                f"Flux '{DEFAULT_BLOCKS['flux']}' (every double-stream block), SD3.5 '{DEFAULT_BLOCKS['sd3']}' "
-                "(clipped to the model's blocks). Leave empty for SD1.x/SD2.x/SDXL.")
+        tooltip="Joint-attention models only (Flux.1, Chroma, SD3/SD3.5): the blocks whose text attention makes the "
+                "maps, as TYPE:all, TYPE:N or TYPE:A-B items separated by commas. Empty = the default: "
+                f"Flux.1 and Chroma '{DEFAULT_BLOCKS['flux']}' (every double-stream block), SD3.5 "
+                f"'{DEFAULT_BLOCKS['sd3']}' (clipped to the model's blocks). Leave empty for SD1.x/SD2.x/SDXL.")
 
 
 def guidance_inputs():
@@ -114,7 +114,8 @@ def build_guidance(model, concepts, attention_resolution, positive=None, mode="a
     # is the error to report, not the prompt's.
     family = model_family(model)
     if family == UNET and joint_blocks.strip():
-        raise ValueError(f"joint_blocks ('{joint_blocks}') is for Flux.1 and SD3.5 models; this is a UNet model: "
+        raise ValueError(f"joint_blocks ('{joint_blocks}') is for joint-attention models (Flux.1, Chroma, SD3.5); "
+                         "this is a UNet model: "
                          "leave joint_blocks empty and choose its layers with attention_resolution")
     if model.get_wrappers(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY):
         raise ValueError("A-STAR is already applied to this model (an A-STAR Apply, Recorder or KSampler before "
