@@ -104,15 +104,18 @@ def locate_concepts(prompt_ids: Sequence[Optional[int]], specs: Sequence[Concept
 
 
 def case_variants(word: str) -> list[str]:
-    """The word as typed, lower case, capitalised, title case and upper case (each once, in that order)."""
+    """The word as typed, lower case, capitalised, title case and upper case, each also after a space
+    (byte-level BPE tokenizers, e.g. Qwen's, give a word inside a sentence other ids, "Ġcat", than the
+    word alone; CLIP and T5 ignore the space), each once, in that order."""
     variants = [word, word.lower(), word[:1].upper() + word[1:].lower(), word.title(), word.upper()]
-    return list(dict.fromkeys(variants))
+    return list(dict.fromkeys(variants + [" " + v for v in variants]))
 
 
 def case_insensitive_occurrences(prompt_ids: Sequence[Optional[int]], word: str,
                                  word_ids: Callable[[str], Sequence[int]]) -> list[tuple[int, int]]:
     """(start, length) of every occurrence of `word` in the prompt, in prompt order, whatever its case
-    there (as typed, lower, Capitalised, Title or UPPER case): tokenizers that keep case (T5, LLMs)
+    there (as typed, lower, Capitalised, Title or UPPER case, with or without a space before it: see
+    case_variants): tokenizers that keep case (T5, LLMs)
     give "Cat" other ids than "cat". A lowercasing tokenizer (CLIP) gives every variant the same ids, so
     this is an exact match there. Overlapping matches keep the first (then the longest)."""
     found = []

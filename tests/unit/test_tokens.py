@@ -47,3 +47,17 @@ def test_multi_word_concepts_in_title_case():
 def test_a_word_not_in_the_prompt_is_still_refused():
     with pytest.raises(ValueError, match="concept 'dog' is not in the prompt"):
         locate_concepts(word_ids("A Cat"), [ConceptSpec("dog")], word_ids, ["A", "Cat"])
+
+
+def test_words_after_a_space_in_byte_level_bpe():
+    """A byte-level BPE tokenizer (Qwen's) marks a word after a space ("Ġcat"): the word typed alone is found
+    inside the sentence."""
+    vocab = {"A": 1, "ĠCat": 2, "Ġand": 3, "Ġa": 4, "ĠFrog": 5, "cat": 6, "Cat": 7, "frog": 8, "Frog": 9}
+
+    def bpe_ids(text):
+        pieces = text.replace(" ", " Ġ").split(" ")
+        return [vocab.get(p, 99) for p in pieces if p]
+
+    ids = bpe_ids("A Cat and a Frog")
+    assert ids == [1, 2, 3, 4, 5]
+    assert locate_concepts(ids, parse_concepts("cat, frog"), bpe_ids, [str(i) for i in ids]) == [[1], [4]]
