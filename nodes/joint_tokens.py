@@ -6,6 +6,10 @@ What the text keys of a joint block are (ComfyUI 0.3.75):
   padding (id 0) up to 256 tokens (longer prompts are not cut).
 - Chroma: the context is T5-XXL's alone (comfy/text_encoders/pixart_t5.py): the prompt's tokens and
   the end token, no padding (min_length 1).
+- Flux.2 Klein (ComfyUI 0.19+, comfy/text_encoders/flux.py KleinTokenizer): Qwen3 tokens of the chat
+  template "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n" (one
+  text, weights disabled), padded at the end with 151643 to 512 tokens. Only the prompt's own tokens
+  take part in the token renormalisation (families with `template`: everything else is excluded).
 - SD3 / SD3.5: the context is [CLIP, T5] along the sequence (comfy/text_encoders/sd3_clip.py):
   CLIP-L and CLIP-G encode the same 77-token chunks with the same token positions and their features
   are concatenated (so one context position is one CLIP token of both), then the T5 tokens follow
@@ -18,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..attention.maps import CLIP_CHUNK_TOKENS
-from ..attention.tokens import ConceptSpec, locate_concepts
+from ..attention.tokens import ConceptSpec, find_occurrences, locate_concepts
 from .model_family import JOINT_FAMILY_TABLE
 from .prompt import PromptTokens
 
@@ -63,9 +67,24 @@ def _t5_excluded(ids) -> set[int]:
     return {i for i, t in enumerate(ids) if t in (T5_END, T5_PAD)}
 
 
-def _segment_positions(prompt: PromptTokens, keys, specs):
-    """Concept positions in one segment; encoders sharing a segment must agree."""
-    found = [locate_concepts(prompt.ids[key], specs, prompt.word_ids(key), prompt.names(key)) for key in keys]
+def prompt_span(prompt: PromptTokens, key) -> tuple[int, int]:
+    """(start, stop) of the prompt's own tokens inside the encoder's chat template: where the prompt
+    tokenized alone sits (the template's special tokens and newlines end BPE words, so the prompt's
+    tokens there are those of the prompt alone). Raises a clear error when it is not found."""
+    ids, own = prompt.ids[key], list(prompt.word_ids(key)(prompt.text))
+    starts = find_occurrences(ids, own) if own else []
+    if not starts:
+        raise ValueError(f"the prompt's own tokens were not found inside the {key} chat template of the conditioning "
+                         "(was the template changed?): encode the prompt with A-STAR Text Encode and the model's "
+                         "own text encoder")
+    return starts[0], starts[0] + len(own)
+
+
+def _segment_positions(prompt: PromptTokens, keys, specs, span=None):
+    """Concept positions in one segment (inside `span` only, when given); encoders sharing a segment must agree."""
+    lo, hi = span or (0, None)
+    found = [[[lo + p for p in g] for g in locate_concepts(prompt.ids[key][lo:hi], specs, prompt.word_ids(key),
+                                                            prompt.names(key)[lo:hi])] for key in keys]
     if any(groups != found[0] for groups in found[1:]):
         raise ValueError(f"the text encoders {keys} disagree on concept positions ({found}); please report this prompt")
     return found[0]
@@ -89,9 +108,15 @@ def joint_token_layout(prompt: PromptTokens, specs: list[ConceptSpec], family: s
     for keys in entry.context:
         ids = prompt.ids[keys[0]]
         length = min(len(prompt.ids[k]) for k in keys)  # ComfyUI cuts CLIP-L/G to the shorter
-        for group, positions in zip(groups, _segment_positions(prompt, keys, specs)):
+        span = prompt_span(prompt, keys[0]) if entry.template else None
+        for group, positions in zip(groups, _segment_positions(prompt, keys, specs, span)):
             group += [offset + p for p in positions]
-        skip = _t5_excluded(ids[:length]) if keys == ("t5xxl",) else _clip_excluded(ids[:length])
+        if span is not None:  # the template's tokens and the padding
+            skip = set(range(length)) - set(range(*span))
+        elif keys == ("t5xxl",):
+            skip = _t5_excluded(ids[:length])
+        else:
+            skip = _clip_excluded(ids[:length])
         excluded |= {offset + p for p in skip}
         offset += length
     return JointTokenLayout(offset, tuple(tuple(g) for g in groups), tuple(sorted(excluded)))

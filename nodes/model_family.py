@@ -15,6 +15,7 @@ import comfy.model_base
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
 UNET, FLUX, SD3, CHROMA = "unet", "flux", "sd3", "chroma"
+KLEIN_4B, KLEIN_9B = "flux2_klein_4b", "flux2_klein_9b"
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,10 @@ class JointFamily:
     context: the tokenize() keys of the encoders that make the context, in context order; keys in one
         tuple share their positions (SD3's CLIP-L and CLIP-G features are concatenated per token).
     text_encoder: what the user loads as text encoder(s), for messages and the docs.
+    context_width: the diffusion model's context width (params.context_in_dim) that tells this family
+        from others of the same model class (Flux.2 dev and Klein are one class), None: any.
+    template: the tokenizer wraps the prompt in a chat template (LLM encoders): the prompt's own tokens
+        are where the prompt tokenized alone sits in it; the template and the padding are not the prompt.
     """
 
     name: str
@@ -40,6 +45,15 @@ class JointFamily:
     default_blocks: str
     context: tuple[tuple[str, ...], ...]
     text_encoder: str
+    context_width: int | None = None
+    template: bool = False
+
+    def matches(self, model) -> bool:
+        """True for a comfy.model_base model of exactly this family's class (and context width)."""
+        if getattr(comfy.model_base, self.model_class, None) is not type(model):
+            return False
+        params = getattr(getattr(model, "diffusion_model", None), "params", None)
+        return self.context_width is None or getattr(params, "context_in_dim", None) == self.context_width
 
     def block_counts(self, net) -> dict[str, int]:
         """Number of blocks of each type of this family's diffusion model `net`."""
@@ -58,6 +72,13 @@ JOINT_FAMILY_TABLE = {
                      (("l", "g"), ("t5xxl",)), "CLIP-L + CLIP-G + T5-XXL (TripleCLIPLoader)"),
     CHROMA: JointFamily(CHROMA, "Chroma", "Chroma", _FLUX_BLOCKS, False, "double:all", (("t5xxl",),),
                         "T5-XXL alone (CLIPLoader, type chroma)"),
+    # Flux.2 Klein (ComfyUI 0.19+): Flux.2's double/single blocks (FOCUS's reason holds: the double blocks keep
+    # separate text and image weights); Qwen3 in a chat template, padded to 512 tokens; told from Flux.2 dev
+    # (same class, Mistral-3, context 15360) by the context width: 3 Qwen3 layers of 2560 (4B) or 4096 (9B).
+    KLEIN_4B: JointFamily(KLEIN_4B, "Flux.2 Klein 4B", "Flux2", _FLUX_BLOCKS, False, "double:all", (("qwen3_4b",),),
+                          "Qwen3-4B (CLIPLoader, type flux2)", context_width=3 * 2560, template=True),
+    KLEIN_9B: JointFamily(KLEIN_9B, "Flux.2 Klein 9B", "Flux2", _FLUX_BLOCKS, False, "double:all", (("qwen3_8b",),),
+                          "Qwen3-8B (CLIPLoader, type flux2)", context_width=3 * 4096, template=True),
 }
 JOINT_FAMILIES = tuple(JOINT_FAMILY_TABLE)
 
@@ -72,8 +93,8 @@ REFUSED_MODELS = {
     "ErnieImage": "Ernie-Image: " + _NO_OVERRIDE,
     "ChromaRadiance": ("Chroma Radiance works on pixels with 16x16 patches and NeRF decoder blocks; A-STAR reads "
                        "Chroma (latent) and has not been verified on Radiance"),
-    "Flux2": ("Flux.2 (dev and Klein) has a Mistral-3 / Qwen3 text encoder with a chat template whose token "
-              "layout A-STAR does not read yet"),
+    "Flux2": ("of Flux.2, A-STAR reads Klein 4B and 9B (Qwen3 text encoder); Flux.2 dev's Mistral-3 context, "
+              "left-padded by the model to 512 tokens, is not read yet"),
 }
 
 
@@ -89,12 +110,12 @@ def model_family(model_patcher) -> str:
     net = getattr(model, "diffusion_model", None)
     if isinstance(net, UNetModel):
         return UNET
+    for family in JOINT_FAMILY_TABLE.values():
+        if family.matches(model):
+            return family.name
     name = type(model).__name__
     if name in REFUSED_MODELS:
         raise ValueError(f"A-STAR cannot guide this model ({name}): {REFUSED_MODELS[name]}.")
-    for family in JOINT_FAMILY_TABLE.values():
-        if family.model_class == name and getattr(comfy.model_base, name, None) is type(model):
-            return family.name
     labels = ", ".join(f.label for f in JOINT_FAMILY_TABLE.values())
     raise ValueError(
         f"A-STAR reads the text attention of SD1.x/SD2.x/SDXL UNets (cross-attention) and of {labels} "

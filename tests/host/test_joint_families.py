@@ -226,14 +226,138 @@ class TestChroma:
 
 
 # ------------------------------------------------------------------------------------------------
+# Flux.2 Klein 4B (ComfyUI 0.19+)
+# ------------------------------------------------------------------------------------------------
+
+KLEIN_FILE = "astar-test-flux2-klein4b-d1s1.safetensors"
+KLEIN_TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+
+@pytest.fixture(scope="class")
+def klein(host, dit):
+    import comfy.text_encoders.flux
+    if not hasattr(comfy.text_encoders.flux, "KleinTokenizer"):
+        pytest.skip("this ComfyUI has no Flux.2 Klein text encoder (ComfyUI 0.19+)")
+    D.build_klein_checkpoint(hosts.models_dir() / "checkpoints" / KLEIN_FILE)
+    dit["klein_clip"] = D.klein_clip(seed=0)
+    yield dit
+    release(host, dit, [k for k in list(dit) if k.startswith("klein")])
+
+
+def klein_graph(*, hook=False, blocks="", capture="", sink="", steps=2, sampler="euler"):
+    """Klein (distilled): cfg 1, one cond pass per step; 64 px -> a 4x4 latent of 128 channels, patch 1."""
+    g = graph(hook=hook, blocks=blocks, capture=capture, sink=sink, steps=steps, sampler=sampler, model_file=KLEIN_FILE)
+    g["clip"]["inputs"]["name"] = "klein_clip"
+    g["latent"] = {"class_type": "EmptyFlux2LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+    g["sampler"]["inputs"]["cfg"] = 1.0
+    return g
+
+
+def klein_guided_graph(steps=3, guided_steps=2, hook=False, capture="", sampler="euler", **settings):
+    g = klein_graph(steps=steps, hook=hook, capture=capture, sampler=sampler)
+    inputs = guidance_settings(guided_steps=guided_steps, steps=steps, **settings)
+    g["apply"] = {"class_type": "AStarApply", "inputs": {"model": g["sampler"]["inputs"]["model"], **inputs}}
+    g["sampler"]["inputs"]["model"] = ["apply", 0]
+    return g
+
+
+def qwen_template_ids(text):
+    """Independent: transformers' Qwen2 tokenization of the Klein chat template around `text`, as ComfyUI
+    pads it (151643 up to 512 tokens); and the span of `text`'s own tokens found by decoding each prefix."""
+    from pathlib import Path
+    from transformers import Qwen2TokenizerFast
+    import comfy.text_encoders.flux as flux_te
+    tok = Qwen2TokenizerFast.from_pretrained(str(Path(flux_te.__file__).parent / "qwen25_tokenizer"))
+    full = KLEIN_TEMPLATE.format(text)
+    ids = tok(full)["input_ids"]
+    enc = tok(full, return_offsets_mapping=True)
+    start_char = full.index(text)
+    span = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a >= start_char and b <= start_char + len(text)]
+    return tok, ids + [151643] * (512 - len(ids)), (span[0], span[-1] + 1)
+
+
+class TestFlux2Klein:
+    def test_loaded_by_the_stock_loader_hook_is_bit_identical_and_records_explicit_probabilities(self, host, klein):
+        import comfy.model_base
+        outputs = host.run(klein_graph(), fresh=True)
+        stock = outputs["sampler"][0]["samples"]
+        model = outputs["model"][0]
+        net = model.model.diffusion_model
+        assert type(model.model) is comfy.model_base.Flux2
+        assert (len(net.double_blocks), len(net.single_blocks), net.hidden_size, net.num_heads) == (1, 1, 3072, 24)
+        assert net.params.context_in_dim == 7680 and net.patch_size == 1 and not net.params.guidance_embed
+        assert hosts.pack_module("nodes.model_family").model_family(model) == "flux2_klein_4b"
+        del outputs, model, net
+        assert torch.equal(stock, host.run(klein_graph(hook=True))["sampler"][0]["samples"])
+        klein["klein_capture"], klein["klein_sink"] = QKCapture(n_txt=512), ListSink()
+        recorded = host.run(klein_graph(hook=True, blocks="double:all, single:all", capture="klein_capture",
+                                        sink="klein_sink"))["sampler"][0]["samples"]
+        assert torch.equal(stock, recorded)
+        check_records(klein["klein_sink"], klein["klein_capture"], 512, [("double", 0), ("single", 0)], steps=2)
+
+    def test_concept_tokens_inside_the_chat_template(self, host, klein):
+        jt, tokens = hosts.pack_module("nodes.joint_tokens"), hosts.pack_module("attention.tokens")
+        g = {"clip": {"class_type": "AStarTestClip", "inputs": {"name": "klein_clip"}},
+             "pos": {"class_type": "AStarTextEncode", "inputs": {"clip": ["clip", 0], "text": PROMPT}},
+             "out": {"class_type": "PreviewAny", "inputs": {"source": ["pos", 0]}}}
+        cond = host.run(g)["pos"][0]
+        prompt = hosts.pack_module("nodes.prompt").prompt_tokens_of(cond)
+        layout = jt.joint_token_layout(prompt, tokens.parse_concepts("cat, frog"), "flux2_klein_4b")
+        tok, ids, (lo, hi) = qwen_template_ids(PROMPT)
+        assert prompt.ids["qwen3_4b"] == ids and cond[0][0].shape[1] == layout.n_tokens == 512
+        names = tok.convert_ids_to_tokens(ids[lo:hi])
+        assert names[0] == "A" and "ĠCat" in names and "ĠFrog" in names, names
+        cat, frog = lo + names.index("ĠCat"), lo + names.index("ĠFrog")
+        assert layout.groups == ((cat,), (frog,))
+        # the template's tokens and the padding are left out of the token renormalisation
+        assert layout.excluded == tuple(i for i in range(512) if not lo <= i < hi)
+        # a word of the template is not a concept of the prompt
+        with pytest.raises(ValueError, match=r"concept 'assistant' is not in the prompt"):
+            jt.joint_token_layout(prompt, tokens.parse_concepts("cat, assistant"), "flux2_klein_4b")
+
+    @pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+    def test_step_size_zero_is_the_stock_sampler_and_maps_are_recorded(self, host, klein, sampler):
+        stock = host.run(klein_graph(steps=3, sampler=sampler))["sampler"][0]["samples"]
+        latent, rec = guided_run(host, klein_guided_graph(steps=3, guided_steps=2, sampler=sampler, step_size=0.0))
+        assert torch.equal(stock, latent)
+        assert rec.words == ["cat", "frog"] and rec.layers == [("double", 0)]  # the default: every double block
+        assert rec.maps().shape == (3, 1, 1, 2) + GRID
+        assert [s.step for s in rec.steps] == [0, 1, 2]
+
+    def test_example_runs_headless(self, host, server, klein):
+        """astar_flux2_klein on the test models: UNETLoader, the small Qwen3 encoder in place of CLIPLoader,
+        a random VAE of the Flux.2 layout (128-channel latents) in place of VAELoader's file."""
+        import comfy.sd
+        import comfy.utils
+        path = D.build_vae_flux2(hosts.models_dir() / "vae" / "astar-test-vae-flux2.safetensors")
+        klein["klein_vae"] = vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(path)))  # as VAELoader loads it
+        assert vae.latent_channels == 128
+        prompt, out = run_example(host, server, "astar_flux2_klein", {
+            "UNETLoader": {"inputs": {"unet_name": KLEIN_FILE, "weight_dtype": "default"}},
+            "CLIPLoader": {"class_type": "AStarTestClip", "inputs": {"name": "klein_clip"}},
+            "VAELoader": {"class_type": "AStarTestVAE", "inputs": {"name": "klein_vae"}}})
+        check_example_outputs(prompt, out, layers=1)
+
+    @pytest.mark.parametrize("single_pass", [False, True])
+    def test_one_update_lowers_the_loss(self, host, klein, single_pass):
+        name = f"klein_count_{single_pass}"
+        klein[name] = counter = BlockCounter()
+        _, rec = guided_run(host, klein_guided_graph(steps=2, guided_steps=1, hook=True, capture=name, step_size=2.0,
+                                                     single_pass=single_pass, **one_iteration()))
+        check_lowered(rec, 1, f"klein single_pass={single_pass}")
+        if not single_pass:  # lean guidance passes: stopped once double block 0 is recorded
+            assert [c for c in counter.calls if c[2]] == [], counter.calls
+
+
+# ------------------------------------------------------------------------------------------------
 # Models A-STAR cannot read: refused by the node, before sampling, with the reason
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("model_class, reason", [
     ("HiDream", "HiDream-I1's blocks put the image tokens first"),
-    ("ErnieImage", "never reach optimized_attention_override"),
+    ("ErnieImage", "Ernie-Image: its attention calls ComfyUI.s optimized_attention without transformer_options"),
     ("ChromaRadiance", "Chroma Radiance works on pixels"),
-    ("Flux2", "Flux.2 \\(dev and Klein\\)"),
+    ("Flux2", "of Flux.2, A-STAR reads Klein 4B and 9B"),
 ])
 def test_unreadable_models_are_refused_before_sampling(host, dit, model_class, reason):
     """A MODEL of ComfyUI's own class for such a model (an empty instance: the refusal reads only its class)

@@ -134,6 +134,63 @@ def build_chroma_checkpoint(path, double_blocks: int = 1, single_blocks: int = 1
     return M._atomic_save(sd, path)
 
 
+KLEIN_4B = {  # ComfyUI 0.19's detection of a Flux.2 file (double_stream_modulation_img), Klein 4B widths
+    "image_model": "flux2", "axes_dim": [32, 32, 32, 32], "num_heads": 24, "mlp_ratio": 3.0, "theta": 2000,
+    "out_channels": 128, "global_modulation": True, "mlp_silu_act": True, "qkv_bias": False, "ops_bias": False,
+    "default_ref_method": "index", "ref_index_scale": 10.0, "txt_ids_dims": [3], "patch_size": 1,
+    "in_channels": 128, "hidden_size": 3072, "context_in_dim": 7680, "vec_in_dim": None,
+    "guidance_embed": False, "yak_mlp": False, "txt_norm": False,
+}
+
+
+def build_klein_checkpoint(path, double_blocks: int = 1, single_blocks: int = 1, seed: int = 0) -> Path:
+    """Write (or reuse) a random Flux.2 Klein 4B diffusion model with few blocks at the real widths (hidden
+    3072, 24 heads of 128, context 7680 = 3 Qwen3-4B layers, 128 latent channels, patch 1, no guidance
+    embedding; 0.4 B parameters with 1 double + 1 single block). Raw keys, fp16. ComfyUI 0.19+."""
+    path = Path(path)
+    if path.exists():
+        return path
+    M._ensure_comfy()
+    import comfy.supported_models
+    cfg = dict(KLEIN_4B, depth=double_blocks, depth_single_blocks=single_blocks)
+    net = _random_model(cfg, comfy.supported_models.Flux2, seed, "klein4b")
+    sd = net.state_dict()
+    found = detected(sd)
+    if type(found[0]) is not comfy.supported_models.Flux2 or found[1]["context_in_dim"] != 7680 or \
+            (found[1]["depth"], found[1]["depth_single_blocks"]) != (double_blocks, single_blocks):
+        raise RuntimeError(f"ComfyUI does not read the file back as this Flux.2 Klein: {found}")
+    return M._atomic_save(sd, path)
+
+
+def klein_clip(seed: int = 0):
+    """Flux.2 Klein 4B's text encoder as ComfyUI's CLIPLoader (type flux2, a Qwen3-4B file) makes it:
+    comfy.text_encoders.flux's KleinTokenizer (chat template, 512 tokens) and klein_te, with the Qwen3-4B
+    inside replaced, through the loader's "qwen3_4b_class" model option, by a small random Qwen3 of the exact
+    width (hidden 2560, 3 layers, 2 heads, MLP 64; its 3 layers give the 3 x 2560 = 7680 output where the
+    real model reads layers 9, 18, 27). ComfyUI 0.19+."""
+    M._ensure_comfy()
+    import comfy.sd
+    import comfy.supported_models_base
+    import comfy.text_encoders.flux as flux_te
+    import comfy.text_encoders.llama
+    from comfy import sd1_clip
+
+    class SmallQwen3(flux_te.Qwen3_4BModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}, **kwargs):
+            config = {"num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 1,
+                      "intermediate_size": 64}
+            sd1_clip.SDClipModel.__init__(self, device=device, layer=[0, 1, 2], textmodel_json_config=config,
+                                          dtype=dtype, special_tokens={"pad": 151643}, layer_norm_hidden_state=False,
+                                          model_class=comfy.text_encoders.llama.Qwen3_4B, enable_attention_masks=True,
+                                          return_attention_masks=True, model_options=model_options)
+
+    target = comfy.supported_models_base.ClipTarget(flux_te.KleinTokenizer, flux_te.klein_te(model_type="qwen3_4b"))
+    clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32, "qwen3_4b_class": SmallQwen3})
+    M._fill_random_(clip.cond_stage_model, seed, "klein-te")
+    _unit_norm_scales_(clip.cond_stage_model)
+    return clip
+
+
 def build_sd35_checkpoint(path, blocks: int = 3, self_attn_blocks=(0, 1), seed: int = 0) -> Path:
     """Write (or reuse) a random SD3.5-Medium-width MMDiT with `blocks` joint blocks, the x-block
     self-attention (Medium has it in blocks 0-12) in `self_attn_blocks` (raw keys, fp16)."""
@@ -187,6 +244,24 @@ def build_vae16(path, seed: int = 0) -> Path:
     vae = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=dict(M._SD_VAE_DDCONFIG, z_channels=16), embed_dim=16)
     vae = vae.to(torch.float16)
     M._fill_random_(vae, seed, "vae16")
+    return M._atomic_save(vae.state_dict(), path)
+
+
+def build_vae_flux2(path, seed: int = 0) -> Path:
+    """Write (or reuse) a random KL VAE in the Flux.2 VAE layout ComfyUI 0.19 detects (32 latent channels and a
+    latent batch norm over 2x2 patches, "bn.running_mean": 128-channel latents at 1/16), fp16. The batch norm's
+    statistics are 0 and 1 (a random variance could be negative)."""
+    path = Path(path)
+    if path.exists():
+        return path
+    M._ensure_comfy()
+    import comfy.ldm.models.autoencoder
+    vae = comfy.ldm.models.autoencoder.AutoencoderKL(
+        ddconfig=dict(M._SD_VAE_DDCONFIG, z_channels=32, batch_norm_latent=True), embed_dim=32).to(torch.float16)
+    M._fill_random_(vae, seed, "vae-flux2")
+    with torch.no_grad():
+        vae.bn.running_mean.zero_()
+        vae.bn.running_var.fill_(1.0)
     return M._atomic_save(vae.state_dict(), path)
 
 

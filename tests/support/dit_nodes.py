@@ -30,6 +30,9 @@ def register(nodes_module, objects: dict, hook_module) -> list[str]:
     class TestMask(TestObject):
         RETURN_TYPES = ("MASK",)
 
+    class TestVAE(TestObject):
+        RETURN_TYPES = ("VAE",)
+
     class TestJointHook:
         """Clone the model; put objects[capture] (a test override) in its transformer_options; install
         the pack's hook with `blocks` ("" = the defaults); put objects[sink] in CAPTURES_KEY."""
@@ -70,7 +73,7 @@ def register(nodes_module, objects: dict, hook_module) -> list[str]:
             m.model_options.setdefault("transformer_options", {})[hook_module.OVERRIDE_KEY] = objects[override]
             return (m,)
 
-    added = {"AStarTestModel": TestModel, "AStarTestClip": TestClip, "AStarTestMask": TestMask,
+    added = {"AStarTestModel": TestModel, "AStarTestClip": TestClip, "AStarTestMask": TestMask, "AStarTestVAE": TestVAE,
              "AStarTestJointHook": TestJointHook, "AStarTestReplaceOverride": TestReplaceOverride}
     nodes_module.NODE_CLASS_MAPPINGS.update(added)
     return list(added)
