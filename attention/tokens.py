@@ -29,9 +29,9 @@ _SPEC = re.compile(r"^(?P<word>.*?)(?:#(?P<occ>\d+))?$")
 def parse_concepts(text: str) -> list[ConceptSpec]:
     """Split "cat, teddy bear, frog#2" into concept specs.
 
-    Commas separate concepts; surrounding spaces and punctuation are ignored; case is left to the
-    tokenizer (CLIP lowercases). Raises NoConceptGiven (a ValueError) for an empty list, ValueError for a
-    concept listed twice."""
+    Commas separate concepts; surrounding spaces and punctuation are ignored; case is ignored when
+    the words are located (locate_concepts). Raises NoConceptGiven (a ValueError) for an empty list,
+    ValueError for a concept listed twice."""
     specs = []
     for part in text.split(","):
         m = _SPEC.match(part.strip())
@@ -93,7 +93,8 @@ def locate_concepts(prompt_ids: Sequence[Optional[int]], specs: Sequence[Concept
         pattern = list(word_ids(spec.word))
         if not pattern:
             raise ValueError(f"concept '{spec.word}' has no tokens; type a word of the prompt")
-        starts = find_occurrences(prompt_ids, pattern)
+        matches = case_insensitive_occurrences(prompt_ids, spec.word, word_ids)
+        starts = [start for start, _ in matches]
         if len(starts) < spec.occurrence:
             listing = _listing(token_names)
             found = "is not in the prompt" if not starts else \
@@ -102,6 +103,34 @@ def locate_concepts(prompt_ids: Sequence[Optional[int]], specs: Sequence[Concept
                 f"concept '{spec.label}' {found}. The prompt's tokens are: {listing}. "
                 "Type concepts exactly as words of the positive prompt (e.g. 'cat, frog'); a plural "
                 "or a different spelling is a different token.")
-        start = starts[spec.occurrence - 1]
-        groups.append(list(range(start, start + len(pattern))))
+        start, length = matches[spec.occurrence - 1]
+        groups.append(list(range(start, start + length)))
     return groups
+
+
+def case_variants(word: str) -> list[str]:
+    """The word as typed, lower case, capitalised, title case and upper case, each also after a space
+    (byte-level BPE tokenizers, e.g. Qwen's, give a word inside a sentence other ids, "Ġcat", than the
+    word alone; CLIP and T5 ignore the space), each once, in that order."""
+    variants = [word, word.lower(), word[:1].upper() + word[1:].lower(), word.title(), word.upper()]
+    return list(dict.fromkeys(variants + [" " + v for v in variants]))
+
+
+def case_insensitive_occurrences(prompt_ids: Sequence[Optional[int]], word: str,
+                                 word_ids: Callable[[str], Sequence[int]]) -> list[tuple[int, int]]:
+    """(start, length) of every occurrence of `word` in the prompt, in prompt order, whatever its case
+    there (as typed, lower, Capitalised, Title or UPPER case, with or without a space before it: see
+    case_variants): tokenizers that keep case (T5, LLMs)
+    give "Cat" other ids than "cat". A lowercasing tokenizer (CLIP) gives every variant the same ids, so
+    this is an exact match there. Overlapping matches keep the first (then the longest)."""
+    found = []
+    for variant in case_variants(word):
+        pattern = list(word_ids(variant))
+        if pattern:
+            found += [(start, len(pattern)) for start in find_occurrences(prompt_ids, pattern)]
+    matches, end = [], -1
+    for start, length in sorted(set(found), key=lambda m: (m[0], -m[1])):
+        if start >= end:
+            matches.append((start, length))
+            end = start + length
+    return matches

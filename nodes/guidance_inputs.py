@@ -23,7 +23,7 @@ from .widgets import check_options, fold_advanced
 RESOLUTIONS = {"1/32": 2, "1/16": 1, "1/8": 0, "1/64": 3}  # of the image side -> UNet downsample level
 ORDER_NOTE = ("Patch order: apply attention-replacing patches (IPAdapter, NAG, ...) BEFORE this node; "
               "A-STAR chains to them. A patch applied after it replaces A-STAR's at the same layers.")
-MODEL_TOOLTIP = "An SD1.x/SD2.x/SDXL, Flux.1 or SD3/SD3.5 model (LoRAs and other patches welcome). " + ORDER_NOTE
+MODEL_TOOLTIP = "An SD1.x/SD2.x/SDXL, Flux.1, Flux.2 Klein, Chroma or SD3/SD3.5 model (LoRAs and other patches welcome). " + ORDER_NOTE
 SAMPLERS_NOTE = (f"Every scheduler and every sampler but {', '.join(UNGUIDABLE.values())} (predictor-corrector) "
                  f"and {', '.join(NOT_PREDICTED.values())} (steps chosen at run time): refused with an error "
                  "while guiding; they may record with guidance_end 0.")
@@ -63,10 +63,10 @@ def joint_blocks_input():
     # optional: API-format prompts saved before this input existed stay valid
     return fold_advanced([io.String.Input(
         "joint_blocks", default="", optional=True,
-        tooltip="Flux.1 and SD3/SD3.5 only: the joint-attention blocks whose text attention makes the maps, as "
-                "TYPE:all, TYPE:N or TYPE:A-B items separated by commas. Empty = the default: "
-                f"Flux '{DEFAULT_BLOCKS['flux']}' (every double-stream block), SD3.5 '{DEFAULT_BLOCKS['sd3']}' "
-                "(clipped to the model's blocks). Leave empty for SD1.x/SD2.x/SDXL.")], ADVANCED)[0]
+        tooltip="Joint-attention models only (Flux.1, Flux.2 Klein, Chroma, SD3/SD3.5): the blocks whose text attention makes the "
+                "maps, as TYPE:all, TYPE:N or TYPE:A-B items separated by commas. Empty = the default: "
+                f"Flux and Chroma '{DEFAULT_BLOCKS['flux']}' (every double-stream block), SD3.5 "
+                f"'{DEFAULT_BLOCKS['sd3']}' (clipped to the model's blocks). Leave empty for SD1.x/SD2.x/SDXL.")], ADVANCED)[0]
 
 
 def guidance_inputs():
@@ -141,7 +141,8 @@ def build_guidance(model, concepts, attention_resolution, positive=None, mode="a
     check_options(guidance_inputs(), {"attention_resolution": attention_resolution, "mode": mode,
                                       "binarization": binarization, "refine": refine})
     if family == UNET and joint_blocks.strip():
-        raise ValueError(f"joint_blocks ('{joint_blocks}') is for Flux.1 and SD3.5 models; this is a UNet model: "
+        raise ValueError(f"joint_blocks ('{joint_blocks}') is for joint-attention models (Flux, Chroma, SD3.5); "
+                         "this is a UNet model: "
                          "leave joint_blocks empty and choose its layers with attention_resolution")
     if family != UNET and attention_resolution != DEFAULT_RESOLUTION:
         raise ValueError(f"attention_resolution ('{attention_resolution}') is for SD1.x/SD2.x/SDXL UNet models; "

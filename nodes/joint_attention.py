@@ -44,26 +44,28 @@ import comfy.patcher_extension
 from ..attention.capture import StopForward
 from ..attention.joint import text_key_probs
 from .attention_patch import CAPTURES_KEY, step_of
-from .model_family import FLUX, JOINT_FAMILIES, SD3, model_family
+from .model_family import JOINT_FAMILY_TABLE, JointFamily, joint_family
 
 # transformer_options keys
 PASS_KEY = "astar_joint_pass"  # JointPass of the current forward (set by JointLayoutWrapper)
 OVERRIDE_KEY = "optimized_attention_override"  # ComfyUI's own key
 WRAPPER_KEY = "astar_joint_attention"  # key of the APPLY_MODEL wrapper
 
-# Defaults (see README "Flux.1 and SD3.5"): FOCUS reads Flux's double-stream blocks; JEDI reads
-# SD3.5's joint blocks 4-16. A block list beyond the model's blocks is clipped to them.
-DEFAULT_BLOCKS = {FLUX: "double:all", SD3: "joint:4-16"}
+# Defaults per family (the reasons are in nodes/model_family.py's table). A block list beyond the
+# model's blocks is clipped to them.
+DEFAULT_BLOCKS = {name: family.default_blocks for name, family in JOINT_FAMILY_TABLE.items()}
 
 
 @dataclass
 class JointPass:
     """Layout of one forward pass: n_txt text tokens first, then the grid_hw image tokens
-    (row-major); joint_calls counts the joint-attention calls seen so far (SD3 block index)."""
+    (row-major); joint_calls counts the joint-attention calls seen so far (SD3 block index);
+    reached counts every attention call that reached the hook."""
 
     n_txt: int
     grid_hw: tuple[int, int]
     joint_calls: int = 0
+    reached: int = 0
 
     @property
     def n_img(self) -> int:
@@ -72,10 +74,7 @@ class JointPass:
 
 def block_counts(model_patcher) -> dict[str, int]:
     """Number of blocks of each type: {"double": n, "single": m} (Flux) or {"joint": n} (SD3)."""
-    net = model_patcher.model.diffusion_model
-    if model_family(model_patcher) == FLUX:
-        return {"double": len(net.double_blocks), "single": len(net.single_blocks)}
-    return {"joint": len(net.joint_blocks)}
+    return joint_family(model_patcher).block_counts(model_patcher.model.diffusion_model)
 
 
 _BLOCK_ITEM = re.compile(r"^(?P<type>[a-z]+)\s*:\s*(?P<range>all|\d+(?:\s*-\s*\d+)?)$")
@@ -131,7 +130,7 @@ class JointAttentionOverride:
     joint blocks for the sinks of the pass, then calls the previous override (or ComfyUI's attention
     function) with exactly the arguments it got."""
 
-    def __init__(self, family: str, blocks, previous=None):
+    def __init__(self, family: JointFamily, blocks, previous=None):
         self.family = family
         self.blocks = frozenset(blocks)
         self.previous = previous
@@ -141,15 +140,16 @@ class JointAttentionOverride:
         sinks = options.get(CAPTURES_KEY)
         layout = options.get(PASS_KEY)
         if sinks and layout is not None:
+            layout.reached += 1
             self._record(sinks, layout, options, {**dict(zip(_ATTENTION_ARGS, args)), **kwargs})
         if self.previous is not None:
             return self.previous(func, *args, **kwargs)
         return func(*args, **kwargs)
 
     def _block_key(self, layout: JointPass, options):
-        if self.family == FLUX:
+        if not self.family.counted:
             return options.get("block_type"), options.get("block_index")
-        key = ("joint", layout.joint_calls)
+        key = (self.family.blocks[0][0], layout.joint_calls)
         layout.joint_calls += 1
         return key
 
@@ -190,10 +190,18 @@ class JointAttentionOverride:
             raise StopForward
 
 
+NO_ATTENTION_REACHED = (
+    "A-STAR: no attention call of this model reached ComfyUI's optimized_attention_override, where A-STAR reads "
+    "the joint attention, so guidance would do nothing. Either the model calls attention without "
+    "transformer_options (it cannot be guided), or a node applied after A-STAR replaced the attention override "
+    "without calling the one before it: apply such nodes before A-STAR.")
+
+
 class JointLayoutWrapper:
     """APPLY_MODEL wrapper: in a pass that carries sinks, gives the attention override the pass's
     layout (text token count, image grid) and a fresh joint-call counter, in a copy of the pass's
-    transformer_options. Passes without sinks go through untouched."""
+    transformer_options. Passes without sinks go through untouched. A pass with sinks in which no
+    attention call reached the hook raises NO_ATTENTION_REACHED: guidance would otherwise do nothing."""
 
     def __init__(self, patch_size: int, register_tokens: int = 0):
         self.patch_size = patch_size
@@ -205,7 +213,11 @@ class JointLayoutWrapper:
         if options.get(CAPTURES_KEY) and c_crossattn is not None:
             p = self.patch_size
             grid = (math.ceil(x.shape[-2] / p), math.ceil(x.shape[-1] / p))
-            options = {**options, PASS_KEY: JointPass(c_crossattn.shape[1] + self.register_tokens, grid)}
+            layout = JointPass(c_crossattn.shape[1] + self.register_tokens, grid)
+            out = executor(x, t, c_concat, c_crossattn, control, {**options, PASS_KEY: layout}, **kwargs)
+            if not layout.reached:
+                raise ValueError(NO_ATTENTION_REACHED)
+            return out
         return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
 
 
@@ -214,11 +226,11 @@ def add_joint_attention_hook(model_patcher, blocks: str | None = None) -> tuple[
     an override already in its transformer_options, and the layout wrapper (installing it again on a
     hooked model replaces the block choice). blocks: as parse_blocks
     reads them; None = DEFAULT_BLOCKS of the family. Returns the block keys that will be recorded."""
-    family = model_family(model_patcher)
-    if family not in JOINT_FAMILIES:
-        raise ValueError(f"joint-attention maps need a Flux or SD3/SD3.5 model; this is a UNet model ({family}): "
-                         "its cross-attention is read by the UNet patch")
-    keys = parse_blocks(DEFAULT_BLOCKS[family] if blocks is None else blocks, block_counts(model_patcher))
+    family = joint_family(model_patcher)
+    if family is None:
+        raise ValueError("joint-attention maps need a joint-attention model (Flux.1, Chroma, SD3/SD3.5); this is a "
+                         "UNet model: its cross-attention is read by the UNet patch")
+    keys = parse_blocks(family.default_blocks if blocks is None else blocks, block_counts(model_patcher))
     net = model_patcher.model.diffusion_model
     options = model_patcher.model_options.setdefault("transformer_options", {})
     previous = options.get(OVERRIDE_KEY)

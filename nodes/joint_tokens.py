@@ -1,9 +1,15 @@
-"""Concept words in the context of joint-attention models (Flux.1, SD3 / SD3.5).
+"""Concept words in the context of joint-attention models (Flux.1, Chroma, SD3 / SD3.5).
 
 What the text keys of a joint block are (ComfyUI 0.3.75):
 - Flux: the context is the T5-XXL output only (comfy/text_encoders/flux.py: CLIP-L gives just the
   pooled vector). T5 has no start token; the prompt's tokens are followed by the end token (id 1) and
   padding (id 0) up to 256 tokens (longer prompts are not cut).
+- Chroma: the context is T5-XXL's alone (comfy/text_encoders/pixart_t5.py): the prompt's tokens and
+  the end token, no padding (min_length 1).
+- Flux.2 Klein (ComfyUI 0.19+, comfy/text_encoders/flux.py KleinTokenizer): Qwen3 tokens of the chat
+  template "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n" (one
+  text, weights disabled), padded at the end with 151643 to 512 tokens. Only the prompt's own tokens
+  take part in the token renormalisation (families with `template`: everything else is excluded).
 - SD3 / SD3.5: the context is [CLIP, T5] along the sequence (comfy/text_encoders/sd3_clip.py):
   CLIP-L and CLIP-G encode the same 77-token chunks with the same token positions and their features
   are concatenated (so one context position is one CLIP token of both), then the T5 tokens follow
@@ -16,13 +22,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..attention.maps import CLIP_CHUNK_TOKENS
-from ..attention.tokens import ConceptSpec, locate_concepts
+from ..attention.tokens import ConceptSpec, find_occurrences, locate_concepts
+from .model_family import JOINT_FAMILY_TABLE
 from .prompt import PromptTokens
 
 CLIP_START, CLIP_END = 49406, 49407
 T5_END, T5_PAD = 1, 0
-# The tokenize() keys of each encoder, in context order (CLIP keys share their positions).
-CONTEXT_SEGMENTS = {"flux": (("t5xxl",),), "sd3": (("l", "g"), ("t5xxl",))}
 
 
 @dataclass(frozen=True)
@@ -62,33 +67,56 @@ def _t5_excluded(ids) -> set[int]:
     return {i for i, t in enumerate(ids) if t in (T5_END, T5_PAD)}
 
 
-def _segment_positions(prompt: PromptTokens, keys, specs):
-    """Concept positions in one segment; encoders sharing a segment must agree."""
-    found = [locate_concepts(prompt.ids[key], specs, prompt.word_ids(key), prompt.names(key)) for key in keys]
+def prompt_span(prompt: PromptTokens, key) -> tuple[int, int]:
+    """(start, stop) of the prompt's own tokens inside the encoder's chat template: where the prompt
+    tokenized alone sits (the template's special tokens and newlines end BPE words, so the prompt's
+    tokens there are those of the prompt alone). Raises a clear error when it is not found."""
+    ids, own = prompt.ids[key], list(prompt.word_ids(key)(prompt.text))
+    starts = find_occurrences(ids, own) if own else []
+    if not starts:
+        raise ValueError(f"the prompt's own tokens were not found inside the {key} chat template of the conditioning "
+                         "(was the template changed?): encode the prompt with A-STAR Text Encode and the model's "
+                         "own text encoder")
+    return starts[0], starts[0] + len(own)
+
+
+def _segment_positions(prompt: PromptTokens, keys, specs, span=None):
+    """Concept positions in one segment (inside `span` only, when given); encoders sharing a segment must agree."""
+    lo, hi = span or (0, None)
+    found = [[[lo + p for p in g] for g in locate_concepts(prompt.ids[key][lo:hi], specs, prompt.word_ids(key),
+                                                            prompt.names(key)[lo:hi])] for key in keys]
     if any(groups != found[0] for groups in found[1:]):
         raise ValueError(f"the text encoders {keys} disagree on concept positions ({found}); please report this prompt")
     return found[0]
 
 
 def joint_token_layout(prompt: PromptTokens, specs: list[ConceptSpec], family: str) -> JointTokenLayout:
-    """The concepts' context positions for a Flux ("flux") or SD3 ("sd3") model (see the module
+    """The concepts' context positions for a model of a JOINT_FAMILY_TABLE family (see the module
     docstring). Raises the pack's error naming the word and listing the prompt's tokens when a
     concept is not in the prompt (checked in every encoder that makes the context)."""
-    if family not in CONTEXT_SEGMENTS:
-        raise ValueError(f"unknown joint-attention family {family!r}; expected one of {sorted(CONTEXT_SEGMENTS)}")
-    missing = [k for keys in CONTEXT_SEGMENTS[family] for k in keys if k not in prompt.ids]
+    if family not in JOINT_FAMILY_TABLE:
+        raise ValueError(f"unknown joint-attention family {family!r}; expected one of {sorted(JOINT_FAMILY_TABLE)}")
+    entry = JOINT_FAMILY_TABLE[family]
+    missing = [k for keys in entry.context for k in keys if k not in prompt.ids]
     if missing:
         raise ValueError(
-            f"the prompt was encoded without the {', '.join(missing)} tokenizer(s) this {family} model "
-            f"reads (it has {', '.join(prompt.ids)}): encode it with the model's own text encoders")
+            f"the prompt was encoded without the {', '.join(missing)} tokenizer(s) this {entry.label} model "
+            f"reads (it has {', '.join(prompt.ids)}): encode it with the model's own text encoder, "
+            f"{entry.text_encoder}")
     offset, excluded = 0, set()
     groups: list[list[int]] = [[] for _ in specs]
-    for keys in CONTEXT_SEGMENTS[family]:
+    for keys in entry.context:
         ids = prompt.ids[keys[0]]
         length = min(len(prompt.ids[k]) for k in keys)  # ComfyUI cuts CLIP-L/G to the shorter
-        for group, positions in zip(groups, _segment_positions(prompt, keys, specs)):
+        span = prompt_span(prompt, keys[0]) if entry.template else None
+        for group, positions in zip(groups, _segment_positions(prompt, keys, specs, span)):
             group += [offset + p for p in positions]
-        skip = _t5_excluded(ids[:length]) if keys == ("t5xxl",) else _clip_excluded(ids[:length])
+        if span is not None:  # the template's tokens and the padding
+            skip = set(range(length)) - set(range(*span))
+        elif keys == ("t5xxl",):
+            skip = _t5_excluded(ids[:length])
+        else:
+            skip = _clip_excluded(ids[:length])
         excluded |= {offset + p for p in skip}
         offset += length
     return JointTokenLayout(offset, tuple(tuple(g) for g in groups), tuple(sorted(excluded)))

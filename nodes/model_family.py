@@ -1,26 +1,122 @@
 """Which text attention a ComfyUI MODEL has, and so how A-STAR reads it: UNet cross-attention
-(SD1.x, SD2.x, SDXL: nodes/attention_patch.py) or joint attention (Flux.1, SD3/SD3.5:
-nodes/joint_attention.py)."""
+(SD1.x, SD2.x, SDXL: nodes/attention_patch.py) or joint attention (nodes/joint_attention.py).
+
+Every per-family fact of the joint-attention models is one JointFamily entry of JOINT_FAMILY_TABLE; the
+hook, the token layout and the guidance read only these entries (a new family is a new entry). Models
+A-STAR knows it cannot read are entries of REFUSED_MODELS, with the reason shown to the user.
+Detection is by ComfyUI's model class (comfy.model_base), exactly: Chroma and Flux.2 are subclasses of
+Flux's model class but differ in text encoder or blocks, so a subclass is never taken for its parent.
+"""
 from __future__ import annotations
 
-from comfy.ldm.flux.model import Flux
-from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
+from dataclasses import dataclass
+
+import comfy.model_base
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-UNET, FLUX, SD3 = "unet", "flux", "sd3"
-JOINT_FAMILIES = (FLUX, SD3)
+UNET, FLUX, SD3, CHROMA = "unet", "flux", "sd3", "chroma"
+KLEIN_4B, KLEIN_9B = "flux2_klein_4b", "flux2_klein_9b"
+
+
+@dataclass(frozen=True)
+class JointFamily:
+    """How A-STAR reads one joint-attention model family.
+
+    model_class: the comfy.model_base class name ComfyUI's loaders build for it (matched exactly).
+    blocks: block type -> the diffusion model's ModuleList attribute holding those blocks.
+    counted: True when transformer_options carry no block index (SD3 in 0.3.75): the joint calls of a
+        pass are counted instead (calls shorter than the joint sequence are neither counted nor read);
+        False: the block is transformer_options' ("block_type", "block_index").
+    default_blocks: the blocks read when joint_blocks is empty (parse_blocks' syntax), and why.
+    context: the tokenize() keys of the encoders that make the context, in context order; keys in one
+        tuple share their positions (SD3's CLIP-L and CLIP-G features are concatenated per token).
+    text_encoder: what the user loads as text encoder(s), for messages and the docs.
+    context_width: the diffusion model's context width (params.context_in_dim) that tells this family
+        from others of the same model class (Flux.2 dev and Klein are one class), None: any.
+    template: the tokenizer wraps the prompt in a chat template (LLM encoders): the prompt's own tokens
+        are where the prompt tokenized alone sits in it; the template and the padding are not the prompt.
+    """
+
+    name: str
+    label: str
+    model_class: str
+    blocks: tuple[tuple[str, str], ...]
+    counted: bool
+    default_blocks: str
+    context: tuple[tuple[str, ...], ...]
+    text_encoder: str
+    context_width: int | None = None
+    template: bool = False
+
+    def matches(self, model) -> bool:
+        """True for a comfy.model_base model of exactly this family's class (and context width)."""
+        if getattr(comfy.model_base, self.model_class, None) is not type(model):
+            return False
+        params = getattr(getattr(model, "diffusion_model", None), "params", None)
+        return self.context_width is None or getattr(params, "context_in_dim", None) == self.context_width
+
+    def block_counts(self, net) -> dict[str, int]:
+        """Number of blocks of each type of this family's diffusion model `net`."""
+        return {kind: len(getattr(net, attr)) for kind, attr in self.blocks}
+
+
+_FLUX_BLOCKS = (("double", "double_blocks"), ("single", "single_blocks"))
+
+# FOCUS reads Flux's double-stream blocks (the text and image streams keep their own weights there);
+# Chroma has Flux.1's double and single blocks unchanged, so the same reason picks the same blocks.
+# JEDI reads SD3.5's joint blocks 4-16.
+JOINT_FAMILY_TABLE = {
+    FLUX: JointFamily(FLUX, "Flux.1", "Flux", _FLUX_BLOCKS, False, "double:all", (("t5xxl",),),
+                      "CLIP-L + T5-XXL (DualCLIPLoader, type flux); the context is T5's"),
+    SD3: JointFamily(SD3, "SD3/SD3.5", "SD3", (("joint", "joint_blocks"),), True, "joint:4-16",
+                     (("l", "g"), ("t5xxl",)), "CLIP-L + CLIP-G + T5-XXL (TripleCLIPLoader)"),
+    CHROMA: JointFamily(CHROMA, "Chroma", "Chroma", _FLUX_BLOCKS, False, "double:all", (("t5xxl",),),
+                        "T5-XXL alone (CLIPLoader, type chroma)"),
+    # Flux.2 Klein (ComfyUI 0.19+): Flux.2's double/single blocks (FOCUS's reason holds: the double blocks keep
+    # separate text and image weights); Qwen3 in a chat template, padded to 512 tokens; told from Flux.2 dev
+    # (same class, Mistral-3, context 15360) by the context width: 3 Qwen3 layers of 2560 (4B) or 4096 (9B).
+    KLEIN_4B: JointFamily(KLEIN_4B, "Flux.2 Klein 4B", "Flux2", _FLUX_BLOCKS, False, "double:all", (("qwen3_4b",),),
+                          "Qwen3-4B (CLIPLoader, type flux2)", context_width=3 * 2560, template=True),
+    KLEIN_9B: JointFamily(KLEIN_9B, "Flux.2 Klein 9B", "Flux2", _FLUX_BLOCKS, False, "double:all", (("qwen3_8b",),),
+                          "Qwen3-8B (CLIPLoader, type flux2)", context_width=3 * 4096, template=True),
+}
+JOINT_FAMILIES = tuple(JOINT_FAMILY_TABLE)
+
+# comfy.model_base class name -> why A-STAR cannot read that model (checked before anything else).
+_NO_OVERRIDE = ("its attention calls ComfyUI's optimized_attention without transformer_options, so they never "
+                "reach optimized_attention_override, the only place a node pack can read joint attention: "
+                "guidance would silently do nothing")
+REFUSED_MODELS = {
+    "HiDream": ("HiDream-I1's blocks put the image tokens first and append the Llama-3 tokens of each block to its "
+                "own sequence, and ComfyUI gives its attention calls no block index, so A-STAR cannot tell which "
+                "keys are the prompt's words in which block"),
+    "ErnieImage": "Ernie-Image: " + _NO_OVERRIDE,
+    "ChromaRadiance": ("Chroma Radiance works on pixels with 16x16 patches and NeRF decoder blocks; A-STAR reads "
+                       "Chroma (latent) and has not been verified on Radiance"),
+    "Flux2": ("of Flux.2, A-STAR reads Klein 4B and 9B (Qwen3 text encoder); Flux.2 dev's Mistral-3 context, "
+              "left-padded by the model to 512 tokens, is not read yet"),
+}
+
+
+def joint_family(model_patcher) -> JointFamily | None:
+    """The JointFamily of a MODEL, None for a UNet model; a clear error for any other model."""
+    family = model_family(model_patcher)
+    return None if family == UNET else JOINT_FAMILY_TABLE[family]
 
 
 def model_family(model_patcher) -> str:
-    """"unet", "flux" or "sd3" for a MODEL; a clear error naming the type for any other model."""
-    net = getattr(model_patcher.model, "diffusion_model", None)
+    """"unet" or a key of JOINT_FAMILY_TABLE for a MODEL; a clear error saying why for any other model."""
+    model = model_patcher.model
+    net = getattr(model, "diffusion_model", None)
     if isinstance(net, UNetModel):
         return UNET
-    if isinstance(net, Flux):
-        return FLUX
-    if isinstance(net, MMDiT):
-        return SD3
+    for family in JOINT_FAMILY_TABLE.values():
+        if family.matches(model):
+            return family.name
+    name = type(model).__name__
+    if name in REFUSED_MODELS:
+        raise ValueError(f"A-STAR cannot guide this model ({name}): {REFUSED_MODELS[name]}.")
+    labels = ", ".join(f.label for f in JOINT_FAMILY_TABLE.values())
     raise ValueError(
-        f"A-STAR reads the text attention of SD1.x/SD2.x/SDXL UNets (cross-attention) and of Flux.1 and "
-        f"SD3/SD3.5 (joint attention); this model is {type(model_patcher.model).__name__} "
-        f"({type(net).__name__}), which has neither. Use one of those models.")
+        f"A-STAR reads the text attention of SD1.x/SD2.x/SDXL UNets (cross-attention) and of {labels} "
+        f"(joint attention); this model is {name} ({type(net).__name__}), which has neither. Use one of those models.")

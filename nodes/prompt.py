@@ -42,9 +42,10 @@ class PromptTokens:
         return [inv.get(i, "?") if i is not None else "<embedding>" for i in self.ids[key]]
 
     def word_ids(self, key):
-        """word -> the encoder's token ids of it (no start/end token)."""
+        """word -> the encoder's token ids of it (no start/end token; LLM tokenizers add no end token)."""
         sub = _encoder_tokenizer(self.tokenizer, key)
-        return lambda word: sub.tokenizer(word)["input_ids"][sub.tokens_start:-1]
+        end = -1 if getattr(sub, "tokenizer_adds_end_token", True) else None
+        return lambda word: sub.tokenizer(word)["input_ids"][sub.tokens_start:end]
 
     def excluded_columns(self, context_tokens: int) -> tuple[int, ...]:
         """Token columns the token softmax leaves out, for a context of context_tokens columns (the

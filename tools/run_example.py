@@ -56,7 +56,8 @@ SAMPLERS = ("KSampler", "KSamplerAdvanced", "AStarKSampler", "BasicScheduler")
 GUIDED = ("AStarKSampler", "AStarApply")  # nodes with the guidance window
 RESOLUTION_NODES = GUIDED + ("AStarAttentionRecorder",)
 # Pixel-size inputs scaled with the latent (the ControlNet hint drawn with core nodes).
-EMPTY_LATENTS = ("EmptyLatentImage", "EmptySD3LatentImage")  # SD1.x/SDXL; SD3/Flux (16 channels)
+EMPTY_LATENTS = ("EmptyLatentImage", "EmptySD3LatentImage",  # SD1.x/SDXL; SD3/Flux (16 channels)
+                 "EmptyFlux2LatentImage")  # Flux.2 (128 channels at 1/16)
 SIZE_INPUTS = {"EmptyLatentImage": ("width", "height"), "EmptyImage": ("width", "height"),
                "SolidMask": ("width", "height"), "MaskComposite": ("x", "y"),
                "ImageCompositeMasked": ("x", "y")}

@@ -1,4 +1,4 @@
-"""Random-weight Flux.1 and SD3.5 models, and small text encoders with the real tokenizers.
+"""Random-weight Flux.1, Chroma and SD3.5 models, and small text encoders with the real tokenizers.
 
 Built from ComfyUI's own classes (``comfy.supported_models``, ``comfy.model_base``, ``comfy.sd1_clip``,
 ``comfy.text_encoders``) with the per-tensor seeded values of ``support.models`` (same rule, same
@@ -104,6 +104,93 @@ def build_flux_checkpoint(path, double_blocks: int = 1, single_blocks: int = 1, 
     return M._atomic_save(sd, path)
 
 
+CHROMA = {  # ComfyUI's detection of a Chroma file (model_detection: distilled_guidance_layer present)
+    "image_model": "chroma", "axes_dim": [16, 56, 56], "num_heads": 24, "mlp_ratio": 4.0, "theta": 10000,
+    "out_channels": 64, "qkv_bias": True, "in_channels": 64, "hidden_size": 3072, "context_in_dim": 4096,
+    "patch_size": 2, "in_dim": 64, "out_dim": 3072, "hidden_dim": 5120, "n_layers": 5,
+}
+
+
+def build_chroma_checkpoint(path, double_blocks: int = 1, single_blocks: int = 1, seed: int = 0) -> Path:
+    """Write (or reuse) a random Chroma diffusion model with few blocks at the real widths (Flux.1's
+    blocks: hidden 3072, 24 heads of 128, context 4096; the 5-layer 5120-wide modulation approximator;
+    0.8 B parameters with 1 double + 1 single block). Raw keys, fp16, as UNETLoader reads them."""
+    path = Path(path)
+    if path.exists():
+        return path
+    M._ensure_comfy()
+    import dataclasses
+    import comfy.supported_models
+    from comfy.ldm.chroma.model import ChromaParams
+    cfg = dict(CHROMA, depth=double_blocks, depth_single_blocks=single_blocks)
+    fields = {f.name for f in dataclasses.fields(ChromaParams)}
+    cfg.update({k: v for k, v in (("txt_ids_dims", []), ("vec_in_dim", None)) if k in fields})  # ComfyUI 0.19+
+    net = _random_model(cfg, comfy.supported_models.Chroma, seed, "chroma")
+    sd = net.state_dict()
+    found = detected(sd)
+    if type(found[0]) is not comfy.supported_models.Chroma or \
+            (found[1]["depth"], found[1]["depth_single_blocks"]) != (double_blocks, single_blocks):
+        raise RuntimeError(f"ComfyUI does not read the file back as this Chroma: {found}")
+    return M._atomic_save(sd, path)
+
+
+KLEIN_4B = {  # ComfyUI 0.19's detection of a Flux.2 file (double_stream_modulation_img), Klein 4B widths
+    "image_model": "flux2", "axes_dim": [32, 32, 32, 32], "num_heads": 24, "mlp_ratio": 3.0, "theta": 2000,
+    "out_channels": 128, "global_modulation": True, "mlp_silu_act": True, "qkv_bias": False, "ops_bias": False,
+    "default_ref_method": "index", "ref_index_scale": 10.0, "txt_ids_dims": [3], "patch_size": 1,
+    "in_channels": 128, "hidden_size": 3072, "context_in_dim": 7680, "vec_in_dim": None,
+    "guidance_embed": False, "yak_mlp": False, "txt_norm": False,
+}
+
+
+def build_klein_checkpoint(path, double_blocks: int = 1, single_blocks: int = 1, seed: int = 0) -> Path:
+    """Write (or reuse) a random Flux.2 Klein 4B diffusion model with few blocks at the real widths (hidden
+    3072, 24 heads of 128, context 7680 = 3 Qwen3-4B layers, 128 latent channels, patch 1, no guidance
+    embedding; 0.4 B parameters with 1 double + 1 single block). Raw keys, fp16. ComfyUI 0.19+."""
+    path = Path(path)
+    if path.exists():
+        return path
+    M._ensure_comfy()
+    import comfy.supported_models
+    cfg = dict(KLEIN_4B, depth=double_blocks, depth_single_blocks=single_blocks)
+    net = _random_model(cfg, comfy.supported_models.Flux2, seed, "klein4b")
+    sd = net.state_dict()
+    found = detected(sd)
+    if type(found[0]) is not comfy.supported_models.Flux2 or found[1]["context_in_dim"] != 7680 or \
+            (found[1]["depth"], found[1]["depth_single_blocks"]) != (double_blocks, single_blocks):
+        raise RuntimeError(f"ComfyUI does not read the file back as this Flux.2 Klein: {found}")
+    return M._atomic_save(sd, path)
+
+
+def klein_clip(seed: int = 0):
+    """Flux.2 Klein 4B's text encoder as ComfyUI's CLIPLoader (type flux2, a Qwen3-4B file) makes it:
+    comfy.text_encoders.flux's KleinTokenizer (chat template, 512 tokens) and klein_te, with the Qwen3-4B
+    inside replaced, through the loader's "qwen3_4b_class" model option, by a small random Qwen3 of the exact
+    width (hidden 2560, 3 layers, 2 heads, MLP 64; its 3 layers give the 3 x 2560 = 7680 output where the
+    real model reads layers 9, 18, 27). ComfyUI 0.19+."""
+    M._ensure_comfy()
+    import comfy.sd
+    import comfy.supported_models_base
+    import comfy.text_encoders.flux as flux_te
+    import comfy.text_encoders.llama
+    from comfy import sd1_clip
+
+    class SmallQwen3(flux_te.Qwen3_4BModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}, **kwargs):
+            config = {"num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 1,
+                      "intermediate_size": 64}
+            sd1_clip.SDClipModel.__init__(self, device=device, layer=[0, 1, 2], textmodel_json_config=config,
+                                          dtype=dtype, special_tokens={"pad": 151643}, layer_norm_hidden_state=False,
+                                          model_class=comfy.text_encoders.llama.Qwen3_4B, enable_attention_masks=True,
+                                          return_attention_masks=True, model_options=model_options)
+
+    target = comfy.supported_models_base.ClipTarget(flux_te.KleinTokenizer, flux_te.klein_te(model_type="qwen3_4b"))
+    clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32, "qwen3_4b_class": SmallQwen3})
+    M._fill_random_(clip.cond_stage_model, seed, "klein-te")
+    _unit_norm_scales_(clip.cond_stage_model)
+    return clip
+
+
 def build_sd35_checkpoint(path, blocks: int = 3, self_attn_blocks=(0, 1), seed: int = 0) -> Path:
     """Write (or reuse) a random SD3.5-Medium-width MMDiT with `blocks` joint blocks, the x-block
     self-attention (Medium has it in blocks 0-12) in `self_attn_blocks` (raw keys, fp16)."""
@@ -116,9 +203,15 @@ def build_sd35_checkpoint(path, blocks: int = 3, self_attn_blocks=(0, 1), seed: 
     return M._atomic_save(net.state_dict(), path)
 
 
-def build_joint_attention_lora(path, model_path, rank: int = 4, scale: float = 0.5, seed: int = 0) -> Path:
+SD3_ATTENTION_WEIGHTS = (".attn.qkv.weight", ".attn.proj.weight")
+FLUX_ATTENTION_WEIGHTS = ("_attn.qkv.weight", "_attn.proj.weight", "single_blocks.0.linear1.weight")
+
+
+def build_joint_attention_lora(path, model_path, rank: int = 4, scale: float = 0.5, seed: int = 0,
+                               targets: tuple = SD3_ATTENTION_WEIGHTS) -> Path:
     """Write (or reuse) a random LoRA for the joint-attention projections (every ``attn.qkv`` and
-    ``attn.proj`` of both streams) of the diffusion model in ``model_path``, in the generic key format
+    ``attn.proj`` of both streams of SD3; ``targets``: the weight-name endings, FLUX_ATTENTION_WEIGHTS for
+    Flux/Chroma's double-block qkv/proj and single block 0's fused qkv+MLP) of the diffusion model in ``model_path``, in the generic key format
     ComfyUI maps for any model ("lora_unet_<key with _>"): lora_down [rank, in], lora_up [out, rank],
     alpha = rank; the delta has about ``scale`` times the base weights' scale. fp16 safetensors."""
     import math
@@ -129,7 +222,7 @@ def build_joint_attention_lora(path, model_path, rank: int = 4, scale: float = 0
     sd = {}
     with safe_open(str(model_path), framework="pt") as f:
         targets = [(k, f.get_slice(k).get_shape()) for k in sorted(f.keys())
-                   if k.endswith((".attn.qkv.weight", ".attn.proj.weight"))]
+                   if k.endswith(targets)]
     for key, (out_f, in_f) in targets:
         name = "lora_unet_" + key[: -len(".weight")].replace(".", "_")
         gen = torch.Generator().manual_seed(M._tensor_seed(seed, "lora/" + name))
@@ -151,6 +244,24 @@ def build_vae16(path, seed: int = 0) -> Path:
     vae = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=dict(M._SD_VAE_DDCONFIG, z_channels=16), embed_dim=16)
     vae = vae.to(torch.float16)
     M._fill_random_(vae, seed, "vae16")
+    return M._atomic_save(vae.state_dict(), path)
+
+
+def build_vae_flux2(path, seed: int = 0) -> Path:
+    """Write (or reuse) a random KL VAE in the Flux.2 VAE layout ComfyUI 0.19 detects (32 latent channels and a
+    latent batch norm over 2x2 patches, "bn.running_mean": 128-channel latents at 1/16), fp16. The batch norm's
+    statistics are 0 and 1 (a random variance could be negative)."""
+    path = Path(path)
+    if path.exists():
+        return path
+    M._ensure_comfy()
+    import comfy.ldm.models.autoencoder
+    vae = comfy.ldm.models.autoencoder.AutoencoderKL(
+        ddconfig=dict(M._SD_VAE_DDCONFIG, z_channels=32, batch_norm_latent=True), embed_dim=32).to(torch.float16)
+    M._fill_random_(vae, seed, "vae-flux2")
+    with torch.no_grad():
+        vae.bn.running_mean.zero_()
+        vae.bn.running_var.fill_(1.0)
     return M._atomic_save(vae.state_dict(), path)
 
 
@@ -248,6 +359,32 @@ def _small_clip(kind: str, seed: int):
         target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.sd3_clip.SD3Tokenizer, SmallSD3Clip)
     clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})
     M._fill_random_(clip.cond_stage_model, seed, f"{kind}-te")
+    _unit_norm_scales_(clip.cond_stage_model)
+    return clip
+
+
+def chroma_clip(seed: int = 0):
+    """Chroma's text encoder as ComfyUI's CLIPLoader (type chroma) makes it, comfy.text_encoders.pixart_t5's
+    PixArtTokenizer and pixart_te, with the T5 inside replaced, through the loader's own "t5xxl_class"
+    model option, by a small random T5 of the exact output width (d_model 4096, 1 layer)."""
+    M._ensure_comfy()
+    import comfy.sd
+    import comfy.supported_models_base
+    import comfy.text_encoders.pixart_t5 as pixart
+    import comfy.text_encoders.t5
+    from comfy import sd1_clip
+
+    class SmallPixArtT5(pixart.T5XXLModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}, **kwargs):
+            config = dict(_json("text_encoders/t5_config_xxl.json"), num_layers=1, num_heads=4, d_ff=512)
+            sd1_clip.SDClipModel.__init__(self, device=device, dtype=dtype, layer="last", textmodel_json_config=config,
+                                          special_tokens={"end": 1, "pad": 0}, model_class=comfy.text_encoders.t5.T5,
+                                          enable_attention_masks=False, return_attention_masks=False,
+                                          model_options={**model_options, "model_name": "t5xxl"})
+
+    target = comfy.supported_models_base.ClipTarget(pixart.PixArtTokenizer, pixart.pixart_te())
+    clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32, "t5xxl_class": SmallPixArtT5})
+    M._fill_random_(clip.cond_stage_model, seed, "chroma-te")
     _unit_norm_scales_(clip.cond_stage_model)
     return clip
 

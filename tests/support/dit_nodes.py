@@ -30,6 +30,9 @@ def register(nodes_module, objects: dict, hook_module) -> list[str]:
     class TestMask(TestObject):
         RETURN_TYPES = ("MASK",)
 
+    class TestVAE(TestObject):
+        RETURN_TYPES = ("VAE",)
+
     class TestJointHook:
         """Clone the model; put objects[capture] (a test override) in its transformer_options; install
         the pack's hook with `blocks` ("" = the defaults); put objects[sink] in CAPTURES_KEY."""
@@ -54,8 +57,24 @@ def register(nodes_module, objects: dict, hook_module) -> list[str]:
                 options[hook_module.CAPTURES_KEY] = [objects[sink]]
             return (m,)
 
-    added = {"AStarTestModel": TestModel, "AStarTestClip": TestClip, "AStarTestMask": TestMask,
-             "AStarTestJointHook": TestJointHook}
+    class TestReplaceOverride:
+        """Clone the model and put objects[override] in its transformer_options in place of the override
+        there (a pack applied after A-STAR that does not chain to the override before it)."""
+        CATEGORY = "astar_tests"
+        FUNCTION = "apply"
+        RETURN_TYPES = ("MODEL",)
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"model": ("MODEL",), "override": ("STRING", {"default": ""})}}
+
+        def apply(self, model, override, **kwargs):
+            m = model.clone()
+            m.model_options.setdefault("transformer_options", {})[hook_module.OVERRIDE_KEY] = objects[override]
+            return (m,)
+
+    added = {"AStarTestModel": TestModel, "AStarTestClip": TestClip, "AStarTestMask": TestMask, "AStarTestVAE": TestVAE,
+             "AStarTestJointHook": TestJointHook, "AStarTestReplaceOverride": TestReplaceOverride}
     nodes_module.NODE_CLASS_MAPPINGS.update(added)
     return list(added)
 
