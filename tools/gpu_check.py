@@ -363,7 +363,9 @@ class FluxProofs:
             source = ["hook", 0]
         if apply is not None:
             from support.graphs import guidance_settings
-            g["apply"] = {"class_type": "AStarApply", "inputs": {"model": source, **guidance_settings(**apply)}}
+            # joint models keep attention_resolution's default; the window is on the "simple" scheduler's clock
+            g["apply"] = {"class_type": "AStarApply", "inputs": {
+                "model": source, **guidance_settings(**{"resolution": "1/32", "scheduler": "simple", **apply})}}
             source = ["apply", 0]
         g["sampler"] = {"class_type": "KSampler", "inputs": {
             "model": source, "seed": 3, "steps": steps, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",

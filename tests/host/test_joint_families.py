@@ -73,7 +73,9 @@ def graph(*, hook=False, blocks="", capture="", sink="", text=PROMPT, steps=2, s
 
 def guided_graph(steps=3, guided_steps=2, hook=False, capture="", sampler="euler", **settings):
     g = graph(steps=steps, hook=hook, capture=capture, sampler=sampler)
-    inputs = guidance_settings(guided_steps=guided_steps, steps=steps, **settings)
+    # joint models keep attention_resolution's default; the window is on the "simple" scheduler's clock
+    inputs = guidance_settings(guided_steps=guided_steps, steps=steps, scheduler="simple",
+                               **{"resolution": "1/32", **settings})
     g["apply"] = {"class_type": "AStarApply", "inputs": {"model": g["sampler"]["inputs"]["model"], **inputs}}
     g["sampler"]["inputs"]["model"] = ["apply", 0]
     return g
@@ -255,7 +257,9 @@ def klein_graph(*, hook=False, blocks="", capture="", sink="", steps=2, sampler=
 
 def klein_guided_graph(steps=3, guided_steps=2, hook=False, capture="", sampler="euler", **settings):
     g = klein_graph(steps=steps, hook=hook, capture=capture, sampler=sampler)
-    inputs = guidance_settings(guided_steps=guided_steps, steps=steps, **settings)
+    # joint models keep attention_resolution's default; the window is on the "simple" scheduler's clock
+    inputs = guidance_settings(guided_steps=guided_steps, steps=steps, scheduler="simple",
+                               **{"resolution": "1/32", **settings})
     g["apply"] = {"class_type": "AStarApply", "inputs": {"model": g["sampler"]["inputs"]["model"], **inputs}}
     g["sampler"]["inputs"]["model"] = ["apply", 0]
     return g
