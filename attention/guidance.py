@@ -55,12 +55,12 @@ def _require_bool(name: str, value) -> None:
 
 
 def _frozen_points(value) -> MappingProxyType:
-    """Validated, immutable copy of a {fraction of the steps: threshold} mapping."""
+    """Validated, immutable copy of a {fraction of the noise schedule: threshold} mapping."""
     if not isinstance(value, Mapping):
         raise ValueError(f"GuidanceConfig.refine_points must be a mapping fraction -> threshold, got {value!r}")
     for point, threshold in value.items():
         if isinstance(point, bool) or not isinstance(point, numbers.Real) or not 0 <= point < 1:
-            raise ValueError(f"GuidanceConfig.refine_points keys must be fractions of the steps in [0, 1), got {point!r}")
+            raise ValueError(f"GuidanceConfig.refine_points keys must be fractions of the noise schedule in [0, 1), got {point!r}")
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0 <= threshold <= 1:
             raise ValueError(
                 f"GuidanceConfig.refine_points values must be numbers in [0, 1], got {threshold!r} at {point}"
@@ -74,11 +74,14 @@ class GuidanceConfig:
 
     mode: "astar" (segregation + retention) or "attend_excite" (A&E's max-peak loss).
     segregation_weight, retention_weight: weights of A-STAR's two terms (paper: 1 and 1).
-    start, end: the guided steps, as fractions of the sampled steps: start*n <= i < end*n
-    (A&E: 0 and 0.5, its 25 of 50).
-    scale: step-size scale, alpha_i = scale * sqrt(linspace(1, 0.5, n)[i]) (A&E: 20).
-    refine: iterative refinement at refine_points ({fraction of the steps: threshold}; A&E's steps
-    0, 10, 20 of 50 are 0, 0.2, 0.4), at most max_refine_iters gradient steps each.
+    start, end: the guidance window, as fractions f of the model's noise schedule (0 = pure noise;
+    attention/schedule.py): a state at f is guided when start <= f < end (A&E: 0 and 0.5, its 25 of
+    50 "normal" steps, which sit at f = i/49).
+    scale: step-size scale, alpha = scale * sqrt(1 - f / 2) at f (A&E: 20; over 50 "normal" steps
+    A&E's sqrt(linspace(1, 0.5, 50)[i])).
+    refine: iterative refinement at refine_points ({fraction of the noise schedule: threshold}, applied
+    at the first state at or past each; A&E's steps 0, 10, 20 of 50 are 0, 0.2, 0.4), at most
+    max_refine_iters gradient steps each.
     binarization, fraction: how retention masks are made (see losses.binarize).
     smooth: A&E's 3x3 Gaussian on the maps before every loss.
     """
@@ -104,7 +107,7 @@ class GuidanceConfig:
         _require_number("end", self.end, 0.0, 1.0)
         if self.end < self.start:
             raise ValueError(f"GuidanceConfig.end ({self.end}) is before GuidanceConfig.start ({self.start}): "
-                             "the guided steps are start*steps <= i < end*steps")
+                             "the guided steps are those at start <= f < end of the noise schedule")
         _require_number("scale", self.scale, 0.0)
         _require_bool("refine", self.refine)
         # A plain dict passed in is copied and frozen, so the config stays immutable.

@@ -131,7 +131,7 @@ def summarize(runs: dict, a) -> dict:
     if a.device == "cuda":
         for c, rs in runs.items():
             s[c]["gpu_increase_mib_max"] = max(r["gpu_increase_mib"] for r in rs)
-    guided = common.guided_count(a.steps, a.guidance_end)
+    guided = common.guided_count(a.steps, a.guidance_end, SETTINGS[a.model]["scheduler"])
     for c, q in s.items():
         if c != "plain" and "plain" in s:
             p = s["plain"]
@@ -176,7 +176,7 @@ def main(argv=None):
     summary = summarize(runs, a)
     doc = {"benchmark": "bench_dit", "machine": info,
            "settings": {"model": a.model, "device": a.device, "size_px": a.size, "steps": a.steps,
-                        "guided_steps": common.guided_count(a.steps, a.guidance_end), "step_size": a.step_size,
+                        "guided_steps": common.guided_count(a.steps, a.guidance_end, SETTINGS[a.model]["scheduler"]), "step_size": a.step_size,
                         **SETTINGS[a.model],
                         "prompt": PROMPT, "concepts": CONCEPTS,
                         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},

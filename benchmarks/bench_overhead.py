@@ -1,9 +1,10 @@
 """Overhead of A-STAR guidance against plain sampling, beside Attend-and-Excite (ours and diffusers').
 
 One run times, at equal settings (exact SD1.5 or SDXL-base layout with random weights, same prompt,
-seed, cfg, steps, guided steps; A&E's refinement in both A&E configurations), with interleaved repetitions. The A-STAR nodes guide the
-steps i < guidance_end * steps (window 0 to --guidance-end, default 0.5: 25 of 50 steps); diffusers' A&E
-pipeline guides as many (max_iter_to_alter):
+seed, cfg, steps, guided steps; A&E's refinement in both A&E configurations), with interleaved repetitions. The A-STAR nodes guide
+the window 0 to --guidance-end of the model's noise schedule; with the "normal" scheduler run here step i
+of n sits at i / (n - 1), so the steps i / (n - 1) < guidance_end are guided (default 0.5: 25 of 50 steps);
+diffusers' A&E pipeline guides as many (max_iter_to_alter):
 
   comfy_plain   stock KSampler                               } ComfyUI graphs run by the real
   comfy_astar   A-STAR KSampler, mode astar                  } executor (tests/support/host.py
@@ -51,6 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from fractions import Fraction
 from pathlib import Path
 
 PACK_DIR = Path(__file__).resolve().parents[1]
@@ -128,9 +130,12 @@ def _comfy_host(a, work: Path):
     return hosts, hosts.InProcessHost(work, cpu=(a.device == "cpu"), fp16_unet=(a.model == "sdxl"))
 
 
-def guided_count(steps: int, guidance_end: float) -> int:
-    """Steps the A-STAR nodes guide with the window 0 to guidance_end: i < guidance_end * steps."""
-    return sum(1 for i in range(steps) if i < guidance_end * steps)
+def guided_count(steps: int, guidance_end: float, scheduler: str = "normal") -> int:
+    """Steps the A-STAR nodes guide with the window 0 to guidance_end of the noise schedule: the steps
+    whose place f < guidance_end, f = i / (n - 1) with the "normal" scheduler, i / n with "simple" on a
+    flow model (its shift applies to the schedule and to percent_to_sigma alike)."""
+    places = {"normal": lambda i: Fraction(i, max(steps - 1, 1)), "simple": lambda i: Fraction(i, steps)}[scheduler]
+    return sum(1 for i in range(steps) if places(i) < guidance_end)
 
 
 def ae_thresholds(steps: int) -> dict[int, float]:
@@ -584,7 +589,7 @@ def orchestrate(a) -> None:
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{value:g}: give a fraction of the steps, 0 to 1")
+        raise argparse.ArgumentTypeError(f"{value:g}: give a fraction of the noise schedule, 0 to 1")
     return value
 
 
@@ -597,8 +602,9 @@ def main(argv=None):
                     help="image side in px (default 256 on CPU; on cuda 512 for sd15, 1024 for sdxl)")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--guidance-end", type=_fraction, default=0.5, metavar="FRACTION",
-                    help="A-STAR guides steps i < FRACTION * steps (window 0 to FRACTION of the steps; default "
-                         "%(default)s: 25 of 50); diffusers' A&E pipeline guides as many (max_iter_to_alter)")
+                    help="A-STAR guides the window 0 to FRACTION of the noise schedule: with the normal scheduler "
+                         "the steps i with i / (steps - 1) < FRACTION (default %(default)s: 25 of 50); diffusers' "
+                         "A&E pipeline guides as many (max_iter_to_alter)")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--component-reps", type=int, default=3, help="reps of the in-step components run (0: skip it)")
     ap.add_argument("--configs", nargs="+", default=None, help="default: all of the model's configurations")

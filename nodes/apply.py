@@ -24,7 +24,7 @@ class AStarApply(io.ComfyNode):
                             "missing objects", "multiple objects", "catastrophic neglect"],
             description="Patches a model with A-STAR attention guidance: a sampler node that runs the patched "
                         "model (KSampler, KSamplerAdvanced, SamplerCustomAdvanced with any guider, other packs' "
-                        "samplers) takes gradient steps on the latent at the guided steps, keeping the listed "
+                        "sampler nodes) takes gradient steps on the latent at the guided steps, keeping the listed "
                         "concepts' cross-attention apart (segregation) and in place (retention). The positive "
                         "prompt must come from A-STAR Text Encode. " + SAMPLERS_NOTE + " " + ORDER_NOTE,
             inputs=[io.Model.Input("model", tooltip=MODEL_TOOLTIP),

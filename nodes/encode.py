@@ -20,7 +20,8 @@ class AStarTextEncode(io.ComfyNode):
                         "prompt of A-STAR Apply, A-STAR KSampler and A-STAR Attention Recorder.",
             inputs=[
                 io.Clip.Input("clip", tooltip="The text encoder(s) of the model: SD1.x/SD2.x/SDXL's CLIP, Flux.1's "
-                                              "CLIP-L + T5-XXL, SD3/SD3.5's CLIP-L + CLIP-G + T5-XXL."),
+                                              "CLIP-L + T5-XXL, SD3/SD3.5's CLIP-L + CLIP-G + T5-XXL, Chroma's "
+                                              "T5-XXL, Flux.2 Klein's Qwen3 (4B / 8B)."),
                 io.String.Input("text", multiline=True, dynamic_prompts=True,
                                 tooltip="The positive prompt. Concepts you list in the sampler must be words of it."),
             ],

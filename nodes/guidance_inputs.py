@@ -24,9 +24,10 @@ RESOLUTIONS = {"1/32": 2, "1/16": 1, "1/8": 0, "1/64": 3}  # of the image side -
 ORDER_NOTE = ("Patch order: apply attention-replacing patches (IPAdapter, NAG, ...) BEFORE this node; "
               "A-STAR chains to them. A patch applied after it replaces A-STAR's at the same layers.")
 MODEL_TOOLTIP = "An SD1.x/SD2.x/SDXL, Flux.1, Flux.2 Klein, Chroma or SD3/SD3.5 model (LoRAs and other patches welcome). " + ORDER_NOTE
-SAMPLERS_NOTE = (f"Every scheduler and every sampler but {', '.join(UNGUIDABLE.values())} (predictor-corrector) "
-                 f"and {', '.join(NOT_PREDICTED.values())} (steps chosen at run time): refused with an error "
-                 "while guiding; they may record with guidance_end 0.")
+SAMPLERS_NOTE = (f"Works with every scheduler and every sampler except {', '.join(UNGUIDABLE.values())} "
+                 f"(predictor-corrector), {', '.join(NOT_PREDICTED.values())} (steps chosen at run time), "
+                 "SamplerLCMUpscale, other packs' SAMPLER objects (no rule for their steps) and s_churn > 0: "
+                 "those are refused with an error while guiding and may record with guidance_end 0.")
 AE_THRESHOLDS_TEXT = ", ".join(f"{p:g}:{t:g}" for p, t in AE_REFINEMENT_POINTS.items())
 DEFAULT_RESOLUTION = "1/32"
 # The widget each GuidanceConfig field comes from, where the names differ: errors name what the user sees.
@@ -55,7 +56,8 @@ def concept_inputs():
                        tooltip="SD1.x/SD2.x/SDXL (UNet) models only: which cross-attention layers to read, by "
                                "their size relative to the image side. 1/32 is A&E's choice (SD1.5 at 512 px: "
                                "16x16, input 7-8 and output 3-5; SDXL: input 7-8, middle, output 0-2). Small UNets "
-                               "may only have 1/16. Flux.1/SD3.5 read joint_blocks instead: leave this at 1/32."),
+                               "may only have 1/16. Joint-attention models (Flux.1, Flux.2 Klein, Chroma, SD3/SD3.5) read "
+                               "joint_blocks instead: leave this at 1/32."),
     ], ADVANCED)
 
 

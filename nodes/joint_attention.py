@@ -228,7 +228,7 @@ def add_joint_attention_hook(model_patcher, blocks: str | None = None) -> tuple[
     reads them; None = DEFAULT_BLOCKS of the family. Returns the block keys that will be recorded."""
     family = joint_family(model_patcher)
     if family is None:
-        raise ValueError("joint-attention maps need a joint-attention model (Flux.1, Chroma, SD3/SD3.5); this is a "
+        raise ValueError("joint-attention maps need a joint-attention model (Flux.1, Flux.2 Klein, Chroma, SD3/SD3.5); this is a "
                          "UNet model: its cross-attention is read by the UNet patch")
     keys = parse_blocks(family.default_blocks if blocks is None else blocks, block_counts(model_patcher))
     net = model_patcher.model.diffusion_model

@@ -18,9 +18,14 @@ CPU. Random weights make noise images: that run shows the pipeline works, not wh
 With --ckpt the workflow runs with its own settings (SD1.5: 512 px, 50 steps, guidance_start 0 and
 guidance_end 0.5, so the first 25 steps are guided).
 
-The A-STAR nodes (A-STAR KSampler, A-STAR Apply) set the guided steps as a window of fractions of the
-steps the sampler runs: step i is guided when start * steps <= i < end * steps. The window scales with
---steps (0 to 0.5 of 8 steps guides the first 4); --guidance-start / --guidance-end override it.
+The A-STAR nodes (A-STAR KSampler, A-STAR Apply) guide a window of the model's noise schedule:
+guidance_start / guidance_end are fractions of it (0 = pure noise, 1 = clean), read as ComfyUI's
+ConditioningSetTimestepRange reads its start and end. A step is guided when its noise level lies in
+the window. With the "normal" scheduler a full run places step i of n at i / (n - 1), so step i is
+guided when start <= i / (n - 1) < end: 0 to 0.5 guides 25 of 50 steps, 4 of 8, only step 0 of 3 (an
+odd n guides (n - 1) / 2). Other schedulers place their steps elsewhere on that clock (karras: fewer
+steps in 0 to 0.5), so how many of their steps are guided depends on the scheduler.
+--guidance-start / --guidance-end override the window.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
+from fractions import Fraction
 from pathlib import Path
 
 PACK_DIR = Path(__file__).resolve().parents[1]
@@ -47,7 +53,8 @@ MINI_CKPT = "astar-test-sd15-mini.safetensors"      # the test suite's name: one
 MINI_LORA = "sd15-lora-mini-s0-v1.safetensors"       # tests/support/models.py cache names
 MINI_CONTROLNET = "sd15-controlnet-mini-s0-v1.safetensors"
 # The small run on the random-weight model: a minute or two on 2 CPU cores.
-# The workflows' guidance window (fractions of the steps) is kept: 0 to 0.5 of 8 steps guides 4.
+# The workflows' guidance window (fractions of the noise schedule) is kept: 0 to 0.5 guides 4 of 8 steps
+# with the "normal" scheduler (steps 0-3 at i/7 < 0.5).
 SMALL = {"size": 256, "steps": 8, "attention_resolution": "1/16"}
 
 MODEL_CHOICES = (("CheckpointLoaderSimple", "ckpt_name", "--ckpt"), ("LoraLoader", "lora_name", "--lora"),
@@ -76,11 +83,11 @@ def adapt_prompt(prompt: dict, *, ckpt: str | None = None, lora: str | None = No
     ``size`` sets the latent's width and height and scales the other pixel sizes (hint images and
     masks drawn with core nodes) by the same factor; ``steps`` sets every sampler's and scheduler's
     steps; ``guidance_start`` / ``guidance_end`` the A-STAR nodes' guidance window (fractions of the
-    steps their sampler runs, so a workflow's window scales with ``steps``); ``seed`` every sampler's
-    seed and RandomNoise's noise_seed."""
+    model's noise schedule: which steps it guides follows from ``steps`` and the scheduler, see
+    guidance_window); ``seed`` every sampler's seed and RandomNoise's noise_seed."""
     for name, value in (("guidance_start", guidance_start), ("guidance_end", guidance_end)):
         if value is not None and not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name} is a fraction of the steps the sampler runs, 0 to 1; got {value!r}")
+            raise ValueError(f"{name} is a fraction of the model's noise schedule, 0 to 1; got {value!r}")
     out = json.loads(json.dumps(prompt))
     nodes = out.values()
     latent_w = [n["inputs"].get("width") for n in nodes if n["class_type"] in EMPTY_LATENTS]
@@ -116,17 +123,31 @@ def adapt_prompt(prompt: dict, *, ckpt: str | None = None, lora: str | None = No
 
 
 def guidance_window(inputs: dict) -> str:
-    """The guidance window of an A-STAR node's inputs, in words (with the guided steps where the node
-    itself has the step count: A-STAR KSampler)."""
+    """The guidance window of an A-STAR node's inputs, in words, with the guided steps where the node
+    itself has the step count (A-STAR KSampler).
+
+    The window is a range of the model's noise schedule (docs/schedule.md). ComfyUI's "normal"
+    scheduler (the inputs' scheduler, or none given) places the state of step i at f = i / (n - 1) of
+    the schedule it computes; with denoise d < 1 KSampler computes int(n / d) steps and runs the last
+    n, so step i sits at (int(n / d) - n + i) / (int(n / d) - 1). A step is guided when start <= f < end
+    (exact for SD1.x/SD2.x/SDXL's discrete schedule; flow models' shift moves the places slightly).
+    For other schedulers the count depends on where they place their steps: only the window is given."""
     start, end = inputs.get("guidance_start"), inputs.get("guidance_end")
     if not all(isinstance(v, (int, float)) for v in (start, end)):
         return "guidance window set by linked inputs"
-    text = f"guidance window {start:g} to {end:g} of the steps"
-    steps = inputs.get("steps")
-    if isinstance(steps, int):
-        guided = [i for i in range(steps) if start * steps <= i < end * steps]  # attention/schedule.py in_window
-        text += f" ({len(guided)} of {steps} guided" + (f": steps {guided[0]}-{guided[-1]})" if guided else ")")
-    return text
+    text = f"guidance window {start:g} to {end:g} of the noise schedule"
+    steps, scheduler = inputs.get("steps"), inputs.get("scheduler", "normal")
+    denoise = inputs.get("denoise", 1.0)
+    if not isinstance(steps, int) or steps < 1 or not isinstance(denoise, (int, float)) or not 0 < denoise <= 1:
+        return text
+    if scheduler != "normal":
+        return text + f" (how many of the {steps} steps are guided depends on where the {scheduler!r} scheduler " \
+                      "places them)"
+    total = int(steps / denoise)  # comfy.samplers.KSampler.set_steps
+    places = [Fraction(total - steps + i, max(total - 1, 1)) for i in range(steps)]
+    guided = [i for i, f in enumerate(places) if start <= f < end]  # exact: Fraction against the float
+    listed = "" if not guided else f": step {guided[0]}" if len(guided) == 1 else f": steps {guided[0]}-{guided[-1]}"
+    return text + f" ({len(guided)} of {steps} guided{listed})"
 
 
 def fraction(text: str) -> float:
@@ -134,10 +155,11 @@ def fraction(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a fraction of the steps, 0 to 1") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a fraction of the noise schedule, "
+                                         "0 to 1") from None
     if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{value:g} is not a fraction of the steps: give 0 to 1 (0.5 = the first "
-                                         "half of the steps the sampler runs)")
+        raise argparse.ArgumentTypeError(f"{value:g} is not a fraction of the noise schedule: give 0 to 1 (0 = pure "
+                                         "noise, 1 = clean; 0.5 = the noisier half)")
     return value
 
 
@@ -146,9 +168,10 @@ class _GuidedStepsRemoved(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         parser.error(f"{option_string} was replaced by --guidance-end FRACTION (and --guidance-start): the A-STAR "
-                     "nodes guide the steps i with start * steps <= i < end * steps of the steps the sampler runs "
-                     "(0.5: the first half). To guide the first N of S steps use --guidance-end N / S, "
-                     "e.g. the first 4 of 8 steps: --guidance-end 0.5.")
+                     "nodes guide a window of the model's noise schedule (0 = pure noise, 1 = clean). With the "
+                     "'normal' scheduler step i of S sits at i / (S - 1), so --guidance-end F guides the steps i "
+                     "with i / (S - 1) < F. To guide the first N of S steps give an F just above (N - 1) / (S - 1), "
+                     "e.g. (N - 0.5) / (S - 1): the first 4 of 8 steps: --guidance-end 0.5.")
 
 
 def output_files(entry: dict) -> list[dict]:
@@ -256,13 +279,14 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, help=f"sampling steps (default: the workflow's; {SMALL['steps']} on the "
                                               "random-weight model)")
     ap.add_argument("--guidance-start", type=fraction, metavar="FRACTION",
-                    help="first guided step of the A-STAR nodes, as a fraction of the steps the sampler runs "
-                         "(default: the workflow's, 0)")
+                    help="start of the A-STAR nodes' guidance window, a fraction of the model's noise schedule "
+                         "(0 = pure noise, 1 = clean; default: the workflow's, 0)")
     ap.add_argument("--guidance-end", type=fraction, metavar="FRACTION",
-                    help="end of the guided steps, a fraction of the steps the sampler runs: steps i with "
-                         "start * steps <= i < end * steps are guided (default: the workflow's, 0.5: the first "
-                         "25 of 50 steps, 4 of the random-weight model's 8; 0 = record only). The first N of S "
-                         "steps: N / S")
+                    help="end of the guidance window, a fraction of the model's noise schedule: a step is guided "
+                         "when start <= its place < end; with the 'normal' scheduler step i of S sits at "
+                         "i / (S - 1) (default: the workflow's, 0.5: the first 25 of 50 steps, 4 of the "
+                         "random-weight model's 8; 0 = record only). The first N of S steps with 'normal': "
+                         "(N - 0.5) / (S - 1)")
     ap.add_argument("--guided-steps", action=_GuidedStepsRemoved, help=argparse.SUPPRESS)
     ap.add_argument("--attention-resolution", choices=["1/8", "1/16", "1/32", "1/64"],
                     help="override the A-STAR nodes' attention_resolution (the random-weight mini model "

@@ -11,7 +11,8 @@ from support import host as hosts
 
 MINI = "astar-test-sd15-mini.safetensors"
 # What the small sweeps set on every node having the input: a 64 px, 3-step run of the mini model,
-# whose only cross-attention layers are at 1/16 of the image side; the first half of the steps guided.
+# whose only cross-attention layers are at 1/16 of the image side; guided from 0 to 0.5 of the noise schedule,
+# which with the templates' "normal" scheduler is step 0 of the 3 (step i sits at i/2; step 1 at 0.5, the open end).
 GUIDANCE = {"guidance_end": 0.5, "attention_resolution": "1/16"}
 SMALL = {"size": 64, "inputs": {"steps": 3, "ckpt_name": MINI, **GUIDANCE}}
 

@@ -21,8 +21,10 @@ EXPECTED = {"astar_sd15", "astar_vs_plain", "astar_lora", "astar_controlnet", "a
 # tests/host/test_joint_families.py
 DIT_EXAMPLES = ("astar_flux", "astar_sd35", "astar_chroma", "astar_flux2_klein")
 GUIDING = ("AStarKSampler", "AStarApply")  # the nodes with the guidance window
-# The examples' window is 0 to 0.5 of the steps the sampler runs: of 3 steps, steps 0 and 1 (i < 1.5).
-SIZE, STEPS, GUIDED = 64, 3, 2
+# The examples' window is 0 to 0.5 of the model's noise schedule. Of 4 steps it guides steps 0 and 1: with the
+# "normal" scheduler step i sits at i/3 (0 and 1/3 < 0.5 <= 2/3); astar_custom_sampler's karras sigmas (14.6, 3.2,
+# 0.45, 0.03 on SD1.5's schedule) put two states above the sigma at 0.5 (1.6). (3 steps would guide only step 0.)
+SIZE, STEPS, GUIDED = 64, 4, 2
 CONCEPTS = 2  # "cat, frog" in every example
 TIMELINE_CELL = 64  # pixels per recorded step in the overlay's timeline (nodes/overlay.py)
 # The overlay's IMAGE outputs, by index: (name, images per run, square at the run's size?)
@@ -81,7 +83,7 @@ def test_example_converts_and_validates(object_info, name):
     for e in prompt.values():
         if e["class_type"] in (*GUIDING, "AStarAttentionRecorder"):
             assert e["inputs"]["concepts"] == "cat, frog"
-        if e["class_type"] in GUIDING:  # A&E's defaults: the first half of the steps, refinement as the mode says
+        if e["class_type"] in GUIDING:  # A&E's defaults: the noisier half of the schedule, refinement as the mode says
             assert (e["inputs"]["guidance_start"], e["inputs"]["guidance_end"], e["inputs"]["refine"],
                     e["inputs"]["refine_thresholds"]) == (0.0, 0.5, "auto", "0:0.05, 0.2:0.5, 0.4:0.8"), e
         if e["class_type"] == "AStarTextEncode":
@@ -96,8 +98,8 @@ def _by_type(prompt) -> dict[str, list[dict]]:
 
 
 def test_sd15_example_settings(object_info):
-    """astar_sd15 keeps the paper's set-up: 512 px, 50 steps of which the window 0 to 0.5 guides the
-    first 25 (steps 0-24), attention at 1/32, mode astar."""
+    """astar_sd15 keeps the paper's set-up: 512 px, 50 steps with the "normal" scheduler, of which the window
+    0 to 0.5 of the noise schedule guides the first 25 (steps 0-24: i/49 < 0.5), attention at 1/32, mode astar."""
     by_type = _by_type(convert(load("astar_sd15"), object_info))
     ks = by_type["AStarKSampler"][0]
     assert (ks["steps"], ks["guidance_start"], ks["guidance_end"], ks["attention_resolution"], ks["mode"]) == \
@@ -225,7 +227,7 @@ def test_example_runs(server, object_info, test_models, name):
     assert validate(prompt, object_info) == []
     entry = server.run(prompt, timeout=600)
     by_node, image_nodes, reports = _check_outputs(server, prompt, entry, name, SIZE, STEPS)
-    # The workflow's own window (0 to 0.5) at 3 steps: each overlay report says how many steps were guided
+    # The workflow's own window (0 to 0.5) at 4 steps: each overlay report says how many steps were guided
     # (astar_vs_plain: none on the recorded plain run; its A-STAR image differing from the plain one below).
     expected = _guided_in_reports(prompt, reports)
     assert len(expected) == sum(e["class_type"] == "AStarAttentionOverlay" for e in prompt.values()), reports
@@ -461,16 +463,23 @@ def test_adapt_prompt_scales_sizes_and_steps():
               "7": {"class_type": "KSamplerAdvanced", "inputs": {"model": ["6", 0], "steps": 50}}}
     out = adapt_prompt(prompt, ckpt="mini", size=64, steps=3, attention_resolution="1/16")
     assert out["1"]["inputs"]["width"] == 64 and out["2"]["inputs"]["width"] == 24 and out["3"]["inputs"]["y"] == 25
-    # the window is a fraction of the steps: kept, so 0 to 0.5 of 3 steps guides steps 0 and 1
+    # the window is a fraction of the noise schedule: kept, so 0 to 0.5 guides only step 0 of 3 ("normal": step i
+    # at i/2; step 1 sits at 0.5, the window's open end), steps 0 and 1 of 4 (i/3), the first 25 of 50 (i/49)
     assert out["4"]["inputs"] == {"steps": 3, "guidance_start": 0.0, "guidance_end": 0.5, "attention_resolution": "1/16"}
-    assert guidance_window(out["4"]["inputs"]) == "guidance window 0 to 0.5 of the steps (2 of 3 guided: steps 0-1)"
+    assert guidance_window(out["4"]["inputs"]) == "guidance window 0 to 0.5 of the noise schedule (1 of 3 guided: step 0)"
+    assert guidance_window(dict(out["4"]["inputs"], steps=4)).endswith("(2 of 4 guided: steps 0-1)")
+    assert guidance_window(dict(out["4"]["inputs"], steps=50, scheduler="normal")).endswith("(25 of 50 guided: steps 0-24)")
+    # denoise 0.5 of 20 steps: KSampler runs the last 20 of 40 (step i at (20 + i)/39 > 0.5): a hires-fix pass
+    assert guidance_window(dict(out["4"]["inputs"], steps=20, denoise=0.5)).endswith("(0 of 20 guided)")
+    assert "depends on where the 'karras' scheduler" in guidance_window(dict(out["4"]["inputs"], scheduler="karras"))
     assert out["6"]["inputs"] == {"guidance_start": 0.0, "guidance_end": 0.5, "attention_resolution": "1/16"}
     assert out["7"]["inputs"]["steps"] == 3
     assert out["5"]["inputs"]["ckpt_name"] == "mini" and prompt["5"]["inputs"]["ckpt_name"] == "x"
     narrow = adapt_prompt(prompt, guidance_start=0.25, guidance_end=0.75)
     for nid in ("4", "6"):
         assert (narrow[nid]["inputs"]["guidance_start"], narrow[nid]["inputs"]["guidance_end"]) == (0.25, 0.75)
-    assert guidance_window(narrow["4"]["inputs"]).endswith("(25 of 50 guided: steps 13-37)")
+    # 0.25 <= i/49 < 0.75: i from 12.25 up (13) to below 36.75 (36)
+    assert guidance_window(narrow["4"]["inputs"]).endswith("(24 of 50 guided: steps 13-36)")
     assert guidance_window({"steps": 8, "guidance_start": 0.0, "guidance_end": 0.0}).endswith("(0 of 8 guided)")
     with pytest.raises(ValueError, match="guidance_end is a fraction"):
         adapt_prompt(prompt, guidance_end=25)

@@ -338,7 +338,8 @@ def run_example(host, server, name, loaders, **apply_inputs):
 
 def check_example_outputs(prompt, out, layers):
     """The decoded image at 64 px, and the overlay's report: 3 steps, 2 of them guided (the window
-    0 to 0.5), maps from the expected blocks."""
+    0 to 0.5 of the noise schedule; the examples' "simple" and "sgm_uniform" schedulers place step i
+    of 3 at about i/3), maps from the expected blocks."""
     ids = {e["class_type"]: nid for nid, e in prompt.items()}
     assert tuple(out[ids["VAEDecode"]][0].shape) == (1, 64, 64, 3)
     report = out[ids["AStarAttentionOverlay"]][5]
