@@ -19,6 +19,8 @@ _WALK_DEPTH = 5
 _ATOMS = (torch.Tensor, str, bytes, int, float, bool, complex, type(None), type, types.ModuleType)
 # torch.compile's APPLY_MODEL wrapper key (comfy_api.torch_helpers.torch_compile.COMPILE_KEY)
 COMPILE_WRAPPER_KEY = "torch.compile"
+FP8_DTYPES = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+                   if hasattr(torch, name))
 
 
 def _walk(obj, found: list, seen: set, depth: int) -> None:
@@ -158,11 +160,17 @@ class GradientWatch:
     def _message(module: torch.nn.Module) -> str:
         layer = type(module)
         weight = getattr(module, "weight", None)
-        stored = f", weights stored as {type(weight).__name__} {weight.dtype}" if isinstance(weight, torch.Tensor) else ""
-        return (
-            f"A-STAR needs a gradient through the model, but its {layer.__module__}.{layer.__qualname__} layers "
-            f"compute without one{stored} (in fp8 matrix multiplication, ComfyUI quantizes each layer's input into a "
-            f"tensor autograd cannot follow). Load the model for A-STAR in a weight dtype that computes in "
-            f"fp16/bf16/fp32: Load Diffusion Model with weight_dtype 'default' or 'fp8_e4m3fn' (not "
-            f"'fp8_e4m3fn_fast'), a checkpoint that is not fp8-scaled/mixed-precision, or start ComfyUI without "
-            f"'--fast fp8_matrix_mult'. Or set the step size to 0.")
+        is_tensor = isinstance(weight, torch.Tensor)
+        stored = f", weights stored as {type(weight).__name__} {weight.dtype}" if is_tensor else ""
+        start = (f"A-STAR needs a gradient through the model, but its {layer.__module__}.{layer.__qualname__} "
+                 f"layers compute without one{stored}")
+        if is_tensor and weight.dtype in FP8_DTYPES:
+            return (start + " (in fp8 matrix multiplication, ComfyUI quantizes each layer's input into a tensor "
+                    "autograd cannot follow). Load the model for A-STAR in a weight dtype that computes in "
+                    "fp16/bf16/fp32: Load Diffusion Model with weight_dtype 'default' or 'fp8_e4m3fn' (not "
+                    "'fp8_e4m3fn_fast'), a checkpoint that is not fp8-scaled/mixed-precision, or start ComfyUI "
+                    "without '--fast fp8_matrix_mult'. Or set the step size to 0.")
+        return (start + " (a kernel without a backward: an attention or matrix-multiplication kernel that "
+                "another pack or a launch option puts in, such as SageAttention, or a quantized layer). Run the "
+                "model without it for A-STAR (e.g. start ComfyUI without that attention option, or load the model "
+                "unquantized), or set the step size to 0.")

@@ -67,7 +67,8 @@ _FLUX_BLOCKS = (("double", "double_blocks"), ("single", "single_blocks"))
 # JEDI reads SD3.5's joint blocks 4-16.
 JOINT_FAMILY_TABLE = {
     FLUX: JointFamily(FLUX, "Flux.1", "Flux", _FLUX_BLOCKS, False, "double:all", (("t5xxl",),),
-                      "CLIP-L + T5-XXL (DualCLIPLoader, type flux); the context is T5's"),
+                      "CLIP-L + T5-XXL (DualCLIPLoader, type flux); the context is T5's",
+                      context_width=4096),  # T5-XXL's; other models of the Flux class (Ovis-Image) differ
     SD3: JointFamily(SD3, "SD3/SD3.5", "SD3", (("joint", "joint_blocks"),), True, "joint:4-16",
                      (("l", "g"), ("t5xxl",)), "CLIP-L + CLIP-G + T5-XXL (TripleCLIPLoader)"),
     CHROMA: JointFamily(CHROMA, "Chroma", "Chroma", _FLUX_BLOCKS, False, "double:all", (("t5xxl",),),

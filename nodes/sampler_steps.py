@@ -10,9 +10,9 @@ or the run stops with a clear error (StateSchedule.on_call).
 - a second (or third) stage call unless the step ends at sigma 0: heun, dpm_2, dpmpp_sde, seeds_2,
   exp_heun_2_x0; seeds_3 (three); heunpp2 (one to three);
 - the ancestral second-order samplers (dpm_2_ancestral, dpmpp_2s_ancestral and its CFG++ form) make
-  their stage call unless the step goes down to 0 (sigma_down, from eta: at eta > ~1.7 every step is one
-  call); their flow-model forms (dispatched on the model's sampling, as the samplers do) decide on
-  their own downstep;
+  their stage call unless the step goes down to 0 (sigma_down, from eta and the two sigmas: at a large
+  eta, from about 1.7 to 2.3 depending on the schedule, every step is one call); their flow-model
+  forms (dispatched on the model's sampling, as the samplers do) decide on their own downstep;
 - dpm_fast: its own grid of floor(n/3)+1 steps in log sigma between the run's first and last nonzero
   sigma, orders 3, ..., 3, then 2, 1 or n%3 calls per step.
 Samplers whose states cannot be predicted are refused where a run would guide: dpm_adaptive (it
@@ -65,6 +65,19 @@ def function_name(sampler_function) -> str:
     while isinstance(sampler_function, functools.partial):
         sampler_function = sampler_function.func
     return getattr(sampler_function, "__name__", type(sampler_function).__name__)
+
+
+def bound_keywords(sampler_function) -> dict:
+    """The keyword arguments bound to a KSAMPLER's function by functools.partial (outermost wins), which
+    reach the sampler as its parameters (eta, s_churn, ...) besides the KSAMPLER's extra_options."""
+    chain = []
+    while isinstance(sampler_function, functools.partial):
+        chain.append(sampler_function.keywords)
+        sampler_function = sampler_function.func
+    bound = {}
+    for keywords in reversed(chain):
+        bound.update(keywords)
+    return bound
 
 
 def display_name(name: str) -> str:

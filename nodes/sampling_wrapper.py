@@ -38,8 +38,8 @@ from .gradient_path import GradientWatch, hook_swapped_weights, patch_networks, 
 from .joint_tokens import joint_token_layout
 from .model_family import UNET
 from .prompt import PROMPT_KEY, context_tokens, missing_concepts_error, prompt_tokens_of
-from .sampler_steps import (UNGUIDABLE, NOT_PREDICTED, StateSchedule, StatesUnknown, function_name, predict_states,
-                            refusal)
+from .sampler_steps import (UNGUIDABLE, NOT_PREDICTED, StateSchedule, StatesUnknown, bound_keywords, function_name,
+                            predict_states, refusal)
 
 WRAPPER_KEY = "astar_guidance"
 
@@ -184,7 +184,7 @@ class _GuidedRun:
         try:
             states = predict_states(self.sampler_name, sigmas, options, self.guider.inner_model.model_sampling)
         except StatesUnknown as unknown:
-            nonzero = [s for s in self.sigmas if s > 0]
+            nonzero = [s for s in self.sigmas[:-1] if s > 0]  # the states; the last sigma is where the run ends
             if nonzero and self.guides(max(nonzero), min(nonzero)):
                 raise refusal(self.sampler_name, str(unknown), guidable_sampler_names()) from None
             states = None  # records only: the first call at each sigma
@@ -195,8 +195,10 @@ class _GuidedRun:
 
     # --- the sampler's side -------------------------------------------------------------------
     def wrap(self, sampler_function):
+        bound = bound_keywords(sampler_function)  # a sampler's parameters may come bound (functools.partial)
+
         def guided_sampler_function(model, x, sigmas, *args, extra_args=None, callback=None, **kwargs):
-            self.plan(model, sigmas, kwargs)
+            self.plan(model, sigmas, {**bound, **kwargs})
             return sampler_function(_GuidedModel(model, self), x, sigmas, *args, extra_args=extra_args,
                                     callback=callback, **kwargs)
         return guided_sampler_function
@@ -262,9 +264,20 @@ class _GuidedRun:
         model = self.guider.inner_model
         with torch.inference_mode(False):
             controls = control_modules(self.positive)
+            fraction = self.fractions[step]
+            threshold = refinement_threshold(fraction, self.previous[step], config.refine_points)
+            # The update is A&E's on the UNet input latent z = x * c_in (the diffusers latent):
+            # z - alpha * grad_z L is, in ComfyUI's x = z / c_in, x - alpha / c_in^2 * grad_x L. Taken on x,
+            # so the guidance pass sees exactly the latent of the sampler's model call.
+            c_in = float(model.model_sampling.calculate_input(sigma, torch.ones((), device=x.device, dtype=x.dtype)))
+            alpha = step_size_at(config.scale, fraction) / c_in ** 2
+            # only where a gradient is taken: at step size 0 a single-pass call is the stock call
+            moves = alpha > 0 and config.moves
             # the guidance pass differentiates the eager modules (never torch.compile's copy), through the
-            # networks that patches bring (Hypernetworks, GLIGEN, IPAdapter-style replaces) too
-            options = without_compile(extra_args.get("model_options", self.base_options))
+            # networks that patches bring (Hypernetworks, GLIGEN, IPAdapter-style replaces) too; a single-pass
+            # call that takes no gradient stays the sampler's own (compiled) call
+            options = extra_args.get("model_options", self.base_options)
+            options = without_compile(options) if moves or not single else options
             networks = [model, *controls, *patch_networks(options, self.positive)]
             for module in networks:
                 make_autograd_safe(module)
@@ -277,10 +290,6 @@ class _GuidedRun:
             x = x.clone()
             sigma = sigma.clone()  # 0-d
             sigma_b = sigma.reshape(1).expand(x.shape[0])
-            # The update is A&E's on the UNet input latent z = x * c_in (the diffusers latent):
-            # z - alpha * grad_z L is, in ComfyUI's x = z / c_in, x - alpha / c_in^2 * grad_x L. Taken on x,
-            # so the guidance pass sees exactly the latent of the sampler's model call.
-            c_in = float(model.model_sampling.calculate_input(sigma, torch.ones((), device=x.device, dtype=x.dtype)))
             base_to = options.get("transformer_options", {})
 
             held = {}
@@ -310,11 +319,6 @@ class _GuidedRun:
             size = tuple(x.shape[-2:])
             if self.passes.layers is None:
                 self.passes.layers = self.owner.learned_layers.get(size) or self.owner.planned_layers(size)
-            fraction = self.fractions[step]
-            threshold = refinement_threshold(fraction, self.previous[step], config.refine_points)
-            alpha = step_size_at(config.scale, fraction) / c_in ** 2
-            # only where a gradient is taken: at step size 0 a single-pass call is the stock call
-            moves = alpha > 0 and config.moves
             compute_dtype = model.manual_cast_dtype or model.get_dtype()
             # a separate pass may run on faster CPU kernels; a single pass is the sampler's own call: stock
             direct = not single and use_direct_kernel(x, compute_dtype)

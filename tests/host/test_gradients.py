@@ -572,3 +572,27 @@ def test_a_compiled_model_is_guided_through_its_eager_modules(host, mini_ckpt, e
     sampled(host, g)
     assert eager_compile and not any(eager_compile), eager_compile  # compiled, never for the guidance pass
     assert_same_update(*guided_steps)
+
+
+@pytest.mark.parametrize("weight_dtype", ["float8_e4m3fn", "bfloat16"])
+def test_a_layer_that_cuts_the_gradient_is_named_with_the_fix_for_its_kind(host, weight_dtype):
+    """GradientWatch names the layer whose output lost its input's gradient; the fp8 advice (load in another
+    weight dtype) only for fp8 weights, else the advice for a kernel without a backward (SageAttention-like)."""
+    watch_type = hosts.pack_module("nodes.gradient_path").GradientWatch
+
+    class Detaching(torch.nn.Module):  # a kernel without a backward
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(2, 2, dtype=getattr(torch, weight_dtype)), requires_grad=False)
+
+        def forward(self, x):
+            return x.detach() * 2
+
+    x = torch.ones(2, requires_grad=True)
+    with watch_type() as watch:
+        Detaching()(x)
+    with pytest.raises(ValueError, match="Detaching layers compute without one") as info:
+        watch.check()
+    fp8_advice = "fp8_e4m3fn_fast" in str(info.value)
+    assert fp8_advice == (weight_dtype == "float8_e4m3fn"), str(info.value)
+    assert ("SageAttention" in str(info.value)) != fp8_advice

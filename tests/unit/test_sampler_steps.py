@@ -40,3 +40,16 @@ def test_a_predicted_state_call_at_another_sigma_stops_the_run():
 def test_without_a_prediction_the_first_call_at_each_sigma_is_the_state():
     schedule = steps.StateSchedule("sample_unipc", SIGMAS.tolist(), None)
     assert [schedule.on_call(s) for s in (14.59, 6.0, 6.0, 2.0)] == [0, 1, None, 2]
+
+
+def test_bound_keywords_are_what_the_sampler_function_receives():
+    """Parameters bound with functools.partial (as a pack may build its KSAMPLER) reach the sampler as the
+    partial's call passes them: the outer binding wins."""
+    import functools
+
+    def sample_dpmpp_2s_ancestral(model, x, sigmas, **kwargs):
+        return kwargs
+
+    function = functools.partial(functools.partial(sample_dpmpp_2s_ancestral, eta=1.0, s_noise=0.5), eta=2.0)
+    assert steps.bound_keywords(function) == function(None, None, None) == {"eta": 2.0, "s_noise": 0.5}
+    assert steps.bound_keywords(sample_dpmpp_2s_ancestral) == {}
