@@ -13,6 +13,7 @@ wrapped function down the rest of ComfyUI's wrapper chain.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import copy
 import logging
 import math
@@ -39,7 +40,7 @@ from .joint_tokens import joint_token_layout
 from .model_family import UNET
 from .prompt import PROMPT_KEY, context_tokens, missing_concepts_error, prompt_tokens_of
 from .sampler_steps import (UNGUIDABLE, NOT_PREDICTED, StateSchedule, StatesUnknown, bound_keywords, function_name,
-                            predict_states, refusal)
+                            predict_states, refusal, SIGMA_RTOL)
 
 WRAPPER_KEY = "astar_guidance"
 
@@ -50,6 +51,17 @@ def map_size(latent_hw, level):
     for _ in range(level):
         h, w = (h + 1) // 2, (w + 1) // 2
     return h, w
+
+
+@dataclasses.dataclass(frozen=True)
+class Handover:
+    """Where a run ended, for a run of the same patched model that starts there (the next KSamplerAdvanced
+    segment): it continues the schedule as one run would, with the refinement points already passed and
+    the retention masks of the last guided step."""
+    sigma: float  # the sigma the run ended at
+    shape: tuple  # its latent's shape
+    fraction: float  # its last state's fraction of the noise schedule
+    masks: torch.Tensor | None  # retention masks of its last guided step
 
 
 def _active(entries, sigma) -> bool:
@@ -94,6 +106,7 @@ class AStarSampling:
         self.learned_layers: dict[tuple, tuple] = {}
         self.layer_depths = layer_depths or []
         self.blocks = tuple(blocks or ())
+        self.handover: Handover | None = None  # the last run's end (one prompt runs at a time)
 
     def map_size(self, latent_hw) -> tuple[int, int]:
         """(h, w) of the concept maps for a latent of latent_hw."""
@@ -127,10 +140,14 @@ class AStarSampling:
         own.sampler_function = run.wrap(sampler.sampler_function)
         rest = comfy.patcher_extension.WrapperExecutor.new_class_executor(
             own.sample, own, executor.wrappers, idx=executor.idx + 1)
+        self.handover, handover = None, self.handover
+        run.handover = handover
         try:
-            return rest.execute(guider, sigmas, extra_args, callback, noise, *args, **kwargs)
+            result = rest.execute(guider, sigmas, extra_args, callback, noise, *args, **kwargs)
         finally:
             self.recordings.append(run.recording())
+        self.handover = run.end()
+        return result
 
 
 class _GuidedRun:
@@ -172,13 +189,15 @@ class _GuidedRun:
         self.schedule: StateSchedule | None = None  # made when the sampler's function is called
         self.fractions: list[float] = []
         self.previous: list[float] = []
+        self.shape: tuple = ()
+        self.handover: Handover | None = None  # the end of the model's previous run, set by the owner
 
     def guides(self, sigma_max: float, sigma_min: float) -> bool:
         """Whether a run whose states lie in [sigma_min, sigma_max] may take a guidance step."""
         return (self.config.moves and self.config.end > self.config.start
                 and sigma_max > self.sigma_end and sigma_min <= self.sigma_start)
 
-    def plan(self, model_k, sigmas, options: dict) -> None:
+    def plan(self, model_k, sigmas, options: dict, shape: tuple = ()) -> None:
         """Predict the run's states before its first model call; refuse a sampler whose states cannot be
         placed when this run would guide."""
         try:
@@ -192,13 +211,25 @@ class _GuidedRun:
         state_sigmas = [s for _, s in states] if states is not None else self.sigmas[:-1]
         self.fractions = [schedule_fraction(s, self.percent_to_sigma) for s in state_sigmas]
         self.previous = previous_fractions(self.fractions)
+        self.shape = shape
+        before = self.handover
+        if before is not None and self.fractions and before.shape == shape and \
+                math.isclose(before.sigma, self.sigmas[0], rel_tol=SIGMA_RTOL):
+            self.previous[0] = before.fraction
+            self.masks = before.masks
+
+    def end(self) -> Handover | None:
+        """Where this run ended, for a run that continues from there."""
+        if not self.fractions or self.sigmas[-1] <= 0:
+            return None
+        return Handover(self.sigmas[-1], self.shape, self.fractions[-1], self.masks)
 
     # --- the sampler's side -------------------------------------------------------------------
     def wrap(self, sampler_function):
         bound = bound_keywords(sampler_function)  # a sampler's parameters may come bound (functools.partial)
 
         def guided_sampler_function(model, x, sigmas, *args, extra_args=None, callback=None, **kwargs):
-            self.plan(model, sigmas, {**bound, **kwargs})
+            self.plan(model, sigmas, {**bound, **kwargs}, tuple(x.shape))
             return sampler_function(_GuidedModel(model, self), x, sigmas, *args, extra_args=extra_args,
                                     callback=callback, **kwargs)
         return guided_sampler_function
