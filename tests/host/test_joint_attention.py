@@ -522,7 +522,11 @@ class TestSD35:
             empty = torch.zeros(1, 16, 8, 8)
             x = ms.noise_scaling(sigmas[0], comfy.sample.prepare_noise(empty, 3), empty)
             config = guidance.GuidanceConfig(mode="astar", scale=step_size)
-            alphas = [step_size * math.sqrt(a) for a in torch.linspace(1.0, 0.5, steps).tolist()]
+            # A&E's step sizes on the noise clock: step_size * sqrt(1 - f / 2), f the state's fraction of the
+            # schedule, from the inverse of the flow schedule sigma = shift t / (1 + (shift - 1) t), f = 1 - t
+            shift = float(ms.shift)
+            alphas = [step_size * math.sqrt(1 - (1 - float(s) / (shift - (shift - 1) * float(s))) / 2)
+                      for s in sigmas[:-1]]
             masks, ref_losses = None, []
             for i in range(steps):
                 s = sigmas[i].reshape(1)

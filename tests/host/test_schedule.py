@@ -154,7 +154,8 @@ def _stock_sampler_nodes(host):
         defaults = {}
         for name, entry in {**spec.get("required", {})}.items():
             options = entry[1] if len(entry) > 1 else {}
-            defaults[name] = options.get("default", entry[0][0] if isinstance(entry[0], list) else None)
+            choices = entry[0] if isinstance(entry[0], list) else options.get("options")  # V1 list or V3 COMBO
+            defaults[name] = options.get("default", choices[0] if choices else None)
         cases.append((node, {**defaults, **inputs}))
     add("KSamplerSelect", sampler_name="euler")
     for eta in (0.0, 0.5, 1.0, 2.0, 100.0):
