@@ -572,3 +572,29 @@ def test_a_compiled_model_is_guided_through_its_eager_modules(host, mini_ckpt, e
     sampled(host, g)
     assert eager_compile and not any(eager_compile), eager_compile  # compiled, never for the guidance pass
     assert_same_update(*guided_steps)
+
+
+def test_the_gradient_watch_reads_a_layers_first_tensor_argument(host):
+    """A layer whose input (its first tensor argument) requires grad and whose output does not is a cut; a layer
+    given a tensor that requires grad only for its dtype (Qwen-Image's timestep embedding takes the image tokens so)
+    after an input without grad is not."""
+    gp = hosts.pack_module("nodes.gradient_path")
+
+    class Detached(torch.nn.Module):  # computes outside autograd, as an fp8 matmul layer does
+        def forward(self, x):
+            return x.detach() * 2
+
+    class DtypeOnly(torch.nn.Module):  # the timestep embedding's shape: (timestep, hidden_states)
+        def forward(self, t, like):
+            return (t * 3).to(like.dtype)
+
+    x = torch.ones(2, 3, requires_grad=True)
+    with gp.GradientWatch() as watch:
+        DtypeOnly()(torch.ones(2), x)
+    watch.check()
+    cut = Detached()
+    with gp.GradientWatch() as watch:
+        cut(x)
+    assert watch.cut == [cut]
+    with pytest.raises(ValueError, match="compute without one"):
+        watch.check()
