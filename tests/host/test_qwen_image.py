@@ -212,13 +212,14 @@ class TestQwenImage:
         assert rec.maps().shape == (3, 1, 1, 2) + GRID
         assert [s.step for s in rec.steps] == [0, 1, 2]
 
-    @pytest.mark.parametrize("mode", ["astar", "attend_excite"])
-    def test_one_update_lowers_the_loss_and_the_pass_stops_after_the_last_read_block(self, host, qwen, mode):
-        name = f"qwen_count_{mode}"
+    @pytest.mark.parametrize("mode, clip", [("astar", "qwen_clip"), ("attend_excite", "qwen_clip"),
+                                            ("astar", "qwen_clip_padded")])  # padded: the mask in the guidance pass
+    def test_one_update_lowers_the_loss_and_the_pass_stops_after_the_last_read_block(self, host, qwen, mode, clip):
+        name = f"qwen_count_{mode}_{clip}"
         qwen[name] = counter = BlockCounter()
-        _, rec = guided_run(host, guided_graph(steps=2, guided_steps=1, hook=True, capture=name, mode=mode,
+        _, rec = guided_run(host, guided_graph(steps=2, guided_steps=1, hook=True, capture=name, mode=mode, clip=clip,
                                                step_size=2.0, **one_iteration()))
-        check_lowered(rec, 1, f"qwen-image {mode}")
+        check_lowered(rec, 1, f"qwen-image {mode} {clip}")
         # both guidance passes stop once block 0 is recorded, before the kernel under the hook runs
         assert [c for c in counter.calls if c[2]] == [], counter.calls
 
