@@ -131,7 +131,10 @@ class GradientWatch:
     def _hook(self, module, args, output):
         if not torch.is_grad_enabled():
             return
-        if not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        # the layer's input is its first tensor argument; others may be there for their dtype or device only
+        # (Qwen-Image's timestep embedding takes the image tokens for their dtype: its output rightly has no grad)
+        first = _first_tensor(args)
+        if first is None or not first.requires_grad:
             return
         out = _first_tensor(output)
         if out is not None and out.is_floating_point() and not out.requires_grad:

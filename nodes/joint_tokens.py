@@ -10,6 +10,11 @@ What the text keys of a joint block are (ComfyUI 0.3.75):
   template "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n" (one
   text, weights disabled), padded at the end with 151643 to 512 tokens. Only the prompt's own tokens
   take part in the token renormalisation (families with `template`: everything else is excluded).
+- Qwen-Image (comfy/text_encoders/qwen_image.py): Qwen2.5-VL-7B tokens of "<|im_start|>system\n...<|im_end|>\n
+  <|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n", no padding; the encoder drops the system turn
+  and "<|im_start|>user\n" (the family's context_after), so the context is the prompt's tokens and the 5 tokens
+  after them (+ padding 151643 when the tokenizer is given a min_length: the conditioning then carries an
+  attention mask, which ComfyUI 0.19+ hands to the attention as an additive mask).
 - SD3 / SD3.5: the context is [CLIP, T5] along the sequence (comfy/text_encoders/sd3_clip.py):
   CLIP-L and CLIP-G encode the same 77-token chunks with the same token positions and their features
   are concatenated (so one context position is one CLIP token of both), then the T5 tokens follow
@@ -80,6 +85,18 @@ def prompt_span(prompt: PromptTokens, key) -> tuple[int, int]:
     return starts[0], starts[0] + len(own)
 
 
+def context_start(ids, after: tuple[int, ...]) -> int:
+    """Where the context starts in the tokenized text: after the first occurrence of `after` (0 for ())."""
+    if not after:
+        return 0
+    starts = find_occurrences(ids, after)
+    if not starts:
+        raise ValueError(f"the tokens {list(after)} after which this model's text encoder starts the context are not "
+                         "in the prompt's tokens (was the chat template changed?): encode the prompt with A-STAR Text "
+                         "Encode and the model's own text encoder")
+    return starts[0] + len(after)
+
+
 def _segment_positions(prompt: PromptTokens, keys, specs, span=None):
     """Concept positions in one segment (inside `span` only, when given); encoders sharing a segment must agree."""
     lo, hi = span or (0, None)
@@ -108,15 +125,19 @@ def joint_token_layout(prompt: PromptTokens, specs: list[ConceptSpec], family: s
     for keys in entry.context:
         ids = prompt.ids[keys[0]]
         length = min(len(prompt.ids[k]) for k in keys)  # ComfyUI cuts CLIP-L/G to the shorter
+        first = context_start(ids, entry.context_after)  # tokens before it are not in the context
         span = prompt_span(prompt, keys[0]) if entry.template else None
+        if span is not None and span[0] < first:
+            raise ValueError(f"the prompt's own tokens lie in the part of the {keys[0]} chat template that the text "
+                             "encoder drops: encode the prompt with A-STAR Text Encode and the model's own text encoder")
         for group, positions in zip(groups, _segment_positions(prompt, keys, specs, span)):
-            group += [offset + p for p in positions]
+            group += [offset + p - first for p in positions]
         if span is not None:  # the template's tokens and the padding
-            skip = set(range(length)) - set(range(*span))
+            skip = set(range(first, length)) - set(range(*span))
         elif keys == ("t5xxl",):
             skip = _t5_excluded(ids[:length])
         else:
             skip = _clip_excluded(ids[:length])
-        excluded |= {offset + p for p in skip}
-        offset += length
+        excluded |= {offset + p - first for p in skip}
+        offset += length - first
     return JointTokenLayout(offset, tuple(tuple(g) for g in groups), tuple(sorted(excluded)))

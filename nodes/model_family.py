@@ -16,6 +16,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
 UNET, FLUX, SD3, CHROMA = "unet", "flux", "sd3", "chroma"
 KLEIN_4B, KLEIN_9B = "flux2_klein_4b", "flux2_klein_9b"
+QWEN_IMAGE = "qwen_image"
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,9 @@ class JointFamily:
         from others of the same model class (Flux.2 dev and Klein are one class), None: any.
     template: the tokenizer wraps the prompt in a chat template (LLM encoders): the prompt's own tokens
         are where the prompt tokenized alone sits in it; the template and the padding are not the prompt.
+    context_after: token ids after whose first occurrence the context starts: the encoder drops the
+        template's head up to and including them (Qwen-Image drops its system turn and "<|im_start|>user\n");
+        () when the context is every token.
     """
 
     name: str
@@ -47,6 +51,7 @@ class JointFamily:
     text_encoder: str
     context_width: int | None = None
     template: bool = False
+    context_after: tuple[int, ...] = ()
 
     def matches(self, model) -> bool:
         """True for a comfy.model_base model of exactly this family's class (and context width)."""
@@ -80,6 +85,12 @@ JOINT_FAMILY_TABLE = {
                           "Qwen3-4B (CLIPLoader, type flux2)", context_width=3 * 2560, template=True),
     KLEIN_9B: JointFamily(KLEIN_9B, "Flux.2 Klein 9B", "Flux2", _FLUX_BLOCKS, False, "double:all", (("qwen3_8b",),),
                           "Qwen3-8B (CLIPLoader, type flux2)", context_width=3 * 4096, template=True),
+    # Qwen-Image: 60 dual-stream blocks, all with separate text and image weights (FOCUS's reason for Flux's
+    # double blocks holds for each; ComfyUI names them "double"); no study picks a subset, joint_blocks narrows
+    # them. Qwen2.5-VL-7B in a chat template whose head (system turn, "<|im_start|>user\n") the encoder drops.
+    QWEN_IMAGE: JointFamily(QWEN_IMAGE, "Qwen-Image", "QwenImage", (("double", "transformer_blocks"),), False,
+                            "double:all", (("qwen25_7b",),), "Qwen2.5-VL-7B (CLIPLoader, type qwen_image)",
+                            template=True, context_after=(151644, 872, 198)),
 }
 JOINT_FAMILIES = tuple(JOINT_FAMILY_TABLE)
 

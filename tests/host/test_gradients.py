@@ -596,3 +596,29 @@ def test_a_layer_that_cuts_the_gradient_is_named_with_the_fix_for_its_kind(host,
     fp8_advice = "fp8_e4m3fn_fast" in str(info.value)
     assert fp8_advice == (weight_dtype == "float8_e4m3fn"), str(info.value)
     assert ("SageAttention" in str(info.value)) != fp8_advice
+
+
+def test_the_gradient_watch_reads_a_layers_first_tensor_argument(host):
+    """A layer whose input (its first tensor argument) requires grad and whose output does not is a cut; a layer
+    given a tensor that requires grad only for its dtype (Qwen-Image's timestep embedding takes the image tokens so)
+    after an input without grad is not."""
+    gp = hosts.pack_module("nodes.gradient_path")
+
+    class Detached(torch.nn.Module):  # computes outside autograd, as an fp8 matmul layer does
+        def forward(self, x):
+            return x.detach() * 2
+
+    class DtypeOnly(torch.nn.Module):  # the timestep embedding's shape: (timestep, hidden_states)
+        def forward(self, t, like):
+            return (t * 3).to(like.dtype)
+
+    x = torch.ones(2, 3, requires_grad=True)
+    with gp.GradientWatch() as watch:
+        DtypeOnly()(torch.ones(2), x)
+    watch.check()
+    cut = Detached()
+    with gp.GradientWatch() as watch:
+        cut(x)
+    assert watch.cut == [cut]
+    with pytest.raises(ValueError, match="compute without one"):
+        watch.check()

@@ -191,6 +191,80 @@ def klein_clip(seed: int = 0):
     return clip
 
 
+QWEN_IMAGE = {"image_model": "qwen_image", "in_channels": 64}  # ComfyUI's detection: txt_norm.weight present
+
+
+def build_qwen_image_checkpoint(path, blocks: int = 1, seed: int = 0) -> Path:
+    """Write (or reuse) a random Qwen-Image diffusion model with few blocks at the real widths (24 heads of 128 =
+    hidden 3072, context 3584 = Qwen2.5-VL-7B's width, 64 input channels = 16 latent channels x 2x2 patches;
+    0.37 B parameters per block). Raw keys, fp16, as UNETLoader reads them."""
+    path = Path(path)
+    if path.exists():
+        return path
+    M._ensure_comfy()
+    import comfy.supported_models
+    net = _random_model(dict(QWEN_IMAGE, num_layers=blocks), comfy.supported_models.QwenImage, seed, "qwen-image")
+    sd = net.state_dict()
+    found = detected(sd)
+    if type(found[0]) is not comfy.supported_models.QwenImage or found[1]["num_layers"] != blocks:
+        raise RuntimeError(f"ComfyUI does not read the file back as this Qwen-Image: {found}")
+    return M._atomic_save(sd, path)
+
+
+def qwen_image_clip(seed: int = 0):
+    """Qwen-Image's text encoder as ComfyUI's CLIPLoader (type qwen_image) makes it: comfy.text_encoders.qwen_image's
+    QwenImageTokenizer (chat template) and te(), with the Qwen2.5-VL-7B inside replaced, through the loader's
+    "qwen25_7b_class" model option, by a small random Qwen2.5 of the exact width (hidden 3584, 2 layers, 2 heads of
+    128, MLP 64; the vision tower, unused for text prompts, left out). Its output is [1, n, 3584] as the real one's."""
+    M._ensure_comfy()
+    import comfy.sd
+    import comfy.supported_models_base
+    import comfy.text_encoders.llama as llama
+    import comfy.text_encoders.qwen_image as qwen_te
+    from comfy import sd1_clip
+
+    class TextOnlyQwen25VL(llama.Qwen25_7BVLI):
+        def __init__(self, config_dict, dtype, device, operations):
+            torch.nn.Module.__init__(self)
+            config = llama.Qwen25_7BVLI_Config(**config_dict)
+            self.num_layers = config.num_hidden_layers
+            self.model = llama.Llama2_(config, device=device, dtype=dtype, ops=operations)
+            self.dtype = dtype
+
+    class SmallQwen25(qwen_te.Qwen25_7BVLIModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}, **kwargs):
+            config = {"num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+                      "intermediate_size": 64}
+            sd1_clip.SDClipModel.__init__(self, device=device, layer="last", textmodel_json_config=config, dtype=dtype,
+                                          special_tokens={"pad": 151643}, layer_norm_hidden_state=False,
+                                          model_class=TextOnlyQwen25VL, enable_attention_masks=True,
+                                          return_attention_masks=True, model_options=model_options)
+
+    target = comfy.supported_models_base.ClipTarget(qwen_te.QwenImageTokenizer, qwen_te.te())
+    clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32, "qwen25_7b_class": SmallQwen25})
+    M._fill_random_(clip.cond_stage_model, seed, "qwen-image-te")
+    _unit_norm_scales_(clip.cond_stage_model)
+    return clip
+
+
+def build_vae_wan21(path, dim: int = 8, seed: int = 0) -> Path:
+    """Write (or reuse) a random Wan 2.1 VAE (Qwen-Image's VAE layout: 16 latent channels, causal 3D convolutions),
+    narrow (ComfyUI's VAE loader reads the width from decoder.head.0.gamma; the real one has 96), fp16."""
+    path = Path(path)
+    if path.exists():
+        return path
+    M._ensure_comfy()
+    import comfy.ldm.wan.vae
+    vae = comfy.ldm.wan.vae.WanVAE(dim=dim, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                                   temperal_downsample=[False, True, True], dropout=0.0)
+    M._fill_random_(vae, seed, "vae-wan21")
+    with torch.no_grad():  # Wan's RMS_norm scales are "gamma"
+        for name, p in vae.named_parameters():
+            if name.endswith("gamma"):
+                p.fill_(1.0)
+    return M._atomic_save({k: v.half() for k, v in vae.state_dict().items()}, path)
+
+
 def build_sd35_checkpoint(path, blocks: int = 3, self_attn_blocks=(0, 1), seed: int = 0) -> Path:
     """Write (or reuse) a random SD3.5-Medium-width MMDiT with `blocks` joint blocks, the x-block
     self-attention (Medium has it in blocks 0-12) in `self_attn_blocks` (raw keys, fp16)."""
