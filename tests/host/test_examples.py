@@ -18,8 +18,8 @@ EXAMPLES = sorted(p.stem for p in EXAMPLES_DIR.glob("*.json"))
 EXPECTED = {"astar_sd15", "astar_vs_plain", "astar_lora", "astar_controlnet", "astar_sdxl", "astar_custom_sampler",
             "astar_apply_ksampler_advanced", "record_only", "astar_flux", "astar_sd35"}
 # Flux.1 / SD3.5 / Chroma examples: run headless on the random DiT models in tests/host/test_joint_attention.py and
-# tests/host/test_joint_families.py
-DIT_EXAMPLES = ("astar_flux", "astar_sd35", "astar_chroma", "astar_flux2_klein")
+# tests/host/test_joint_families.py (astar_zimage: tests/host/test_zimage.py)
+DIT_EXAMPLES = ("astar_flux", "astar_sd35", "astar_chroma", "astar_flux2_klein", "astar_zimage")
 GUIDING = ("AStarKSampler", "AStarApply")  # the nodes with the guidance window
 # The examples' window is 0 to 0.5 of the steps the sampler runs: of 3 steps, steps 0 and 1 (i < 1.5).
 SIZE, STEPS, GUIDED = 64, 3, 2
