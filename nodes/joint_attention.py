@@ -14,6 +14,10 @@ key is set, as `override(func, q, k, v, heads, ..., transformer_options=..., **k
   APPLY_MODEL wrapper below puts in the pass's transformer_options). SD3.5 Medium's extra image-only
   self-attention (x_block.attn2, blocks 0-12) also goes through the override; its calls have only the
   image tokens and are neither recorded nor counted.
+- Z-Image (comfy/ldm/lumina/model.py NextDiT): q, k [B, heads, L, d] (skip_reshape),
+  one stream of [caption padded to a multiple of 32, image tokens padded to a multiple of 32] in its main
+  layers, after text-only (context_refiner) and image-only (noise_refiner) layers whose shorter calls
+  are neither counted nor recorded; the main layers are counted (0.3.75 sets no block index there).
 Neither the number of text tokens nor the image grid reaches the attention call, so an APPLY_MODEL
 wrapper (which sees the latent and the context) puts them, with the counter, into a copy of the
 pass's transformer_options, and only in passes that carry a sink.

@@ -10,6 +10,11 @@ What the text keys of a joint block are (ComfyUI 0.3.75):
   template "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n" (one
   text, weights disabled), padded at the end with 151643 to 512 tokens. Only the prompt's own tokens
   take part in the token renormalisation (families with `template`: everything else is excluded).
+- Z-Image (comfy/text_encoders/z_image.py ZImageTokenizer): Qwen3 tokens of the chat template
+  "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n" (one text, weights disabled), no padding;
+  the model pads the context itself with a learned token to a multiple of 32 (not part of the context:
+  the hook records the context's own columns only). Only the prompt's own tokens take part in the
+  token renormalisation, as for Klein.
 - SD3 / SD3.5: the context is [CLIP, T5] along the sequence (comfy/text_encoders/sd3_clip.py):
   CLIP-L and CLIP-G encode the same 77-token chunks with the same token positions and their features
   are concatenated (so one context position is one CLIP token of both), then the T5 tokens follow
