@@ -185,3 +185,26 @@ class TestZImage:
             "UNETLoader": {"inputs": {"unet_name": ZIMAGE_FILE, "weight_dtype": "default"}},
             "CLIPLoader": {"class_type": "AStarTestClip", "inputs": {"name": "zimage_clip"}}})
         check_example_outputs(prompt, out, layers=2)
+
+
+@pytest.mark.parametrize("model_class, reason", [
+    ("Lumina2", "of ComfyUI's Lumina 2 models, A-STAR reads Z-Image"),
+    ("ZImagePixelSpace", "Z-Image pixel space works on pixels"),
+])
+def test_other_lumina2_models_are_refused_before_sampling(host, dit, model_class, reason):  # noqa: F811
+    """A Lumina2-class model without Z-Image's Qwen3-4B caption width (Lumina Image 2.0, NewBie), and Z-Image's
+    pixel-space variant: A-STAR Apply raises, naming the model and the reason, before anything runs."""
+    import types
+    import comfy.model_base
+    cls = getattr(comfy.model_base, model_class, None)
+    if cls is None:
+        pytest.skip(f"this ComfyUI has no {model_class} model")
+    model = cls.__new__(cls)
+    torch.nn.Module.__init__(model)  # an empty module of that class: no diffusion model, no caption width
+    dit[f"refused_{model_class}"] = types.SimpleNamespace(model=model, model_options={})
+    g = {"model": {"class_type": "AStarTestModel", "inputs": {"name": f"refused_{model_class}"}},
+         "apply": {"class_type": "AStarApply", "inputs": {"model": ["model", 0],
+                                                        **guidance_settings(guided_steps=1, steps=2)}},
+         "out": {"class_type": "PreviewAny", "inputs": {"source": ["apply", 1]}}}
+    with pytest.raises(hosts.GraphError, match=f"A-STAR cannot guide this model \\({model_class}\\): {reason}"):
+        host.run(g)
