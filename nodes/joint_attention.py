@@ -213,17 +213,25 @@ class JointLayoutWrapper:
     layout (text token count, image grid) and a fresh joint-call counter, in a copy of the pass's
     transformer_options. Passes without sinks go through untouched. A pass with sinks in which no
     attention call reached the hook raises NO_ATTENTION_REACHED: guidance would otherwise do nothing.
-    text_multiple: the model pads the text to a multiple of this many tokens (NextDiT's pad_tokens_multiple)."""
+    text_multiple: the model pads the text to a multiple of this many tokens (NextDiT's pad_tokens_multiple).
+    unread_conds: the family's JointFamily.unread_conds; a pass with sinks that has one raises."""
 
-    def __init__(self, patch_size: int, register_tokens: int = 0, text_multiple: int | None = None):
+    def __init__(self, patch_size: int, register_tokens: int = 0, text_multiple: int | None = None,
+                 unread_conds=(), label: str = ""):
         self.patch_size = patch_size
         self.register_tokens = register_tokens
         self.text_multiple = text_multiple
+        self.unread_conds = tuple(unread_conds)
+        self.label = label
 
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
                  **kwargs):
         options = transformer_options if transformer_options is not None else {}
         if options.get(CAPTURES_KEY) and c_crossattn is not None:
+            for name, why in self.unread_conds:
+                if kwargs.get(name) is not None:
+                    raise ValueError(f"A-STAR cannot guide this {self.label} run: {why}, while A-STAR reads the "
+                                     "prompt's tokens at the start of the joint sequence. Run A-STAR without them.")
             p = self.patch_size
             grid = (math.ceil(x.shape[-2] / p), math.ceil(x.shape[-1] / p))
             n_txt = c_crossattn.shape[1] + self.register_tokens
@@ -256,5 +264,5 @@ def add_joint_attention_hook(model_patcher, blocks: str | None = None) -> tuple[
     model_patcher.add_wrapper_with_key(
         comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY,
         JointLayoutWrapper(int(net.patch_size), int(getattr(net, "register_length", 0) or 0),
-                           getattr(net, "pad_tokens_multiple", None)))
+                           getattr(net, "pad_tokens_multiple", None), family.unread_conds, family.label))
     return keys

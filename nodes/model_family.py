@@ -37,6 +37,8 @@ class JointFamily:
         another), None: any.
     template: the tokenizer wraps the prompt in a chat template (LLM encoders): the prompt's own tokens
         are where the prompt tokenized alone sits in it; the template and the padding are not the prompt.
+    unread_conds: (model input, why) for inputs of the diffusion model that put tokens A-STAR does not place
+        into the joint sequence: a guided pass that has one is an error, never a misread map.
     """
 
     name: str
@@ -49,6 +51,7 @@ class JointFamily:
     text_encoder: str
     context_width: int | None = None
     template: bool = False
+    unread_conds: tuple[tuple[str, str], ...] = ()
 
     def matches(self, model) -> bool:
         """True for a comfy.model_base model of exactly this family's class (and context width)."""
@@ -97,7 +100,9 @@ JOINT_FAMILY_TABLE = {
     # default: every layer is a joint text-image attention with shared weights, and nothing published (nor
     # measured here) singles some out, as FOCUS does for Flux's double blocks.
     ZIMAGE: JointFamily(ZIMAGE, "Z-Image", "Lumina2", (("double", "layers"),), True, "double:all", (("qwen3_4b",),),
-                        "Qwen3-4B (CLIPLoader, type lumina2)", context_width=2560, template=True),
+                        "Qwen3-4B (CLIPLoader, type lumina2)", context_width=2560, template=True,
+                        unread_conds=(("ref_latents", "reference latents (ReferenceLatent, Z-Image Omni) put their own "
+                                                      "caption and image tokens before the prompt's"),)),
 }
 JOINT_FAMILIES = tuple(JOINT_FAMILY_TABLE)
 

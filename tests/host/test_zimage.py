@@ -180,6 +180,20 @@ class TestZImage:
         assert grad == [SLOTS] * 8, grad
         assert len(counter.calls) - len(grad) == 2 * 6
 
+    def test_reference_latents_are_an_error_not_a_misread_map(self, host, zimage):
+        """ComfyUI 0.19's NextDiT puts the tokens of reference latents (ReferenceLatent on the prompt, Z-Image Omni)
+        before the prompt's: a guided run with them stops with an error saying so (0.3.75 ignores them)."""
+        import inspect
+        from comfy.ldm.lumina.model import NextDiT
+        if "ref_latents" not in inspect.signature(NextDiT._forward).parameters:
+            pytest.skip("this ComfyUI's Z-Image takes no reference latents")
+        g = guided_graph(steps=2, guided_steps=1, step_size=2.0)
+        g["ref"] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["pos", 0], "latent": ["latent", 0]}}
+        g["sampler"]["inputs"]["positive"] = ["ref", 0]
+        with pytest.raises(hosts.GraphError, match=r"cannot guide this Z-Image run: reference latents .* put their own "
+                                                   r"caption and image tokens before the prompt's"):
+            host.run(g)
+
     def test_example_runs_headless(self, host, server, zimage):
         prompt, out = run_example(host, server, "astar_zimage", {
             "UNETLoader": {"inputs": {"unet_name": ZIMAGE_FILE, "weight_dtype": "default"}},
