@@ -14,6 +14,10 @@ key is set, as `override(func, q, k, v, heads, ..., transformer_options=..., **k
   APPLY_MODEL wrapper below puts in the pass's transformer_options). SD3.5 Medium's extra image-only
   self-attention (x_block.attn2, blocks 0-12) also goes through the override; its calls have only the
   image tokens and are neither recorded nor counted.
+- Z-Image (comfy/ldm/lumina/model.py NextDiT): q, k [B, heads, L, d] (skip_reshape),
+  one stream of [caption padded to a multiple of 32, image tokens padded to a multiple of 32] in its main
+  layers, after text-only (context_refiner) and image-only (noise_refiner) layers whose shorter calls
+  are neither counted nor recorded; the main layers are counted (0.3.75 sets no block index there).
 Neither the number of text tokens nor the image grid reaches the attention call, so an APPLY_MODEL
 wrapper (which sees the latent and the context) puts them, with the counter, into a copy of the
 pass's transformer_options, and only in passes that carry a sink.
@@ -60,16 +64,23 @@ DEFAULT_BLOCKS = {name: family.default_blocks for name, family in JOINT_FAMILY_T
 class JointPass:
     """Layout of one forward pass: n_txt text tokens first, then the grid_hw image tokens
     (row-major); joint_calls counts the joint-attention calls seen so far (SD3 block index);
-    reached counts every attention call that reached the hook."""
+    reached counts every attention call that reached the hook. text_slots: where the image tokens
+    start when the model pads the text with learned tokens (Z-Image: to a multiple of 32; those
+    keys are attended to but are not the prompt's, so they are not recorded); None: at n_txt."""
 
     n_txt: int
     grid_hw: tuple[int, int]
     joint_calls: int = 0
     reached: int = 0
+    text_slots: int | None = None
 
     @property
     def n_img(self) -> int:
         return self.grid_hw[0] * self.grid_hw[1]
+
+    @property
+    def img_start(self) -> int:
+        return self.n_txt if self.text_slots is None else self.text_slots
 
 
 def block_counts(model_patcher) -> dict[str, int]:
@@ -158,8 +169,8 @@ class JointAttentionOverride:
         if not call.get("skip_reshape", False):  # [B, L, heads*d] -> [B, heads, L, d]
             q = q.unflatten(-1, (heads, -1)).transpose(1, 2)
             k = k.unflatten(-1, (heads, -1)).transpose(1, 2)
-        if q.shape[2] < layout.n_txt + layout.n_img:
-            return  # not a joint call (SD3.5's image-only attn2): neither counted nor recorded
+        if q.shape[2] < layout.img_start + layout.n_img:
+            return  # not a joint call (SD3.5's image-only attn2, Z-Image's refiners): neither counted nor recorded
         key = self._block_key(layout, options)
         if key not in self.blocks:
             return
@@ -167,7 +178,7 @@ class JointAttentionOverride:
         uuids = options.get("uuids")
         size = q.shape[0] // len(chunks)
         mask = _normalise_mask(call.get("mask"))
-        txt, img = (0, layout.n_txt), (layout.n_txt, layout.n_txt + layout.n_img)
+        txt, img = (0, layout.n_txt), (layout.img_start, layout.img_start + layout.n_img)
         per_chunk = {}
 
         def chunk_probs(j):
@@ -201,19 +212,31 @@ class JointLayoutWrapper:
     """APPLY_MODEL wrapper: in a pass that carries sinks, gives the attention override the pass's
     layout (text token count, image grid) and a fresh joint-call counter, in a copy of the pass's
     transformer_options. Passes without sinks go through untouched. A pass with sinks in which no
-    attention call reached the hook raises NO_ATTENTION_REACHED: guidance would otherwise do nothing."""
+    attention call reached the hook raises NO_ATTENTION_REACHED: guidance would otherwise do nothing.
+    text_multiple: the model pads the text to a multiple of this many tokens (NextDiT's pad_tokens_multiple).
+    unread_conds: the family's JointFamily.unread_conds; a pass with sinks that has one raises."""
 
-    def __init__(self, patch_size: int, register_tokens: int = 0):
+    def __init__(self, patch_size: int, register_tokens: int = 0, text_multiple: int | None = None,
+                 unread_conds=(), label: str = ""):
         self.patch_size = patch_size
         self.register_tokens = register_tokens
+        self.text_multiple = text_multiple
+        self.unread_conds = tuple(unread_conds)
+        self.label = label
 
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
                  **kwargs):
         options = transformer_options if transformer_options is not None else {}
         if options.get(CAPTURES_KEY) and c_crossattn is not None:
+            for name, why in self.unread_conds:
+                if kwargs.get(name) is not None:
+                    raise ValueError(f"A-STAR cannot guide this {self.label} run: {why}, while A-STAR reads the "
+                                     "prompt's tokens at the start of the joint sequence. Run A-STAR without them.")
             p = self.patch_size
             grid = (math.ceil(x.shape[-2] / p), math.ceil(x.shape[-1] / p))
-            layout = JointPass(c_crossattn.shape[1] + self.register_tokens, grid)
+            n_txt = c_crossattn.shape[1] + self.register_tokens
+            slots = -(-n_txt // self.text_multiple) * self.text_multiple if self.text_multiple else None
+            layout = JointPass(n_txt, grid, text_slots=slots)
             out = executor(x, t, c_concat, c_crossattn, control, {**options, PASS_KEY: layout}, **kwargs)
             if not layout.reached:
                 raise ValueError(NO_ATTENTION_REACHED)
@@ -240,5 +263,6 @@ def add_joint_attention_hook(model_patcher, blocks: str | None = None) -> tuple[
     model_patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
     model_patcher.add_wrapper_with_key(
         comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY,
-        JointLayoutWrapper(int(net.patch_size), int(getattr(net, "register_length", 0) or 0)))
+        JointLayoutWrapper(int(net.patch_size), int(getattr(net, "register_length", 0) or 0),
+                           getattr(net, "pad_tokens_multiple", None), family.unread_conds, family.label))
     return keys

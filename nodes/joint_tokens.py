@@ -15,6 +15,11 @@ What the text keys of a joint block are (ComfyUI 0.3.75):
   and "<|im_start|>user\n" (the family's context_after), so the context is the prompt's tokens and the 5 tokens
   after them (+ padding 151643 when the tokenizer is given a min_length: the conditioning then carries an
   attention mask, which ComfyUI 0.19+ hands to the attention as an additive mask).
+- Z-Image (comfy/text_encoders/z_image.py ZImageTokenizer): Qwen3 tokens of the chat template
+  "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n" (one text, weights disabled), no padding;
+  the model pads the context itself with a learned token to a multiple of 32 (not part of the context:
+  the hook records the context's own columns only). Only the prompt's own tokens take part in the
+  token renormalisation, as for Klein.
 - SD3 / SD3.5: the context is [CLIP, T5] along the sequence (comfy/text_encoders/sd3_clip.py):
   CLIP-L and CLIP-G encode the same 77-token chunks with the same token positions and their features
   are concatenated (so one context position is one CLIP token of both), then the T5 tokens follow

@@ -17,6 +17,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 UNET, FLUX, SD3, CHROMA = "unet", "flux", "sd3", "chroma"
 KLEIN_4B, KLEIN_9B = "flux2_klein_4b", "flux2_klein_9b"
 QWEN_IMAGE = "qwen_image"
+ZIMAGE = "zimage"
 
 
 @dataclass(frozen=True)
@@ -32,13 +33,16 @@ class JointFamily:
     context: the tokenize() keys of the encoders that make the context, in context order; keys in one
         tuple share their positions (SD3's CLIP-L and CLIP-G features are concatenated per token).
     text_encoder: what the user loads as text encoder(s), for messages and the docs.
-    context_width: the diffusion model's context width (params.context_in_dim) that tells this family
-        from others of the same model class (Flux.2 dev and Klein are one class), None: any.
+    context_width: the diffusion model's context width (text_feature_width() below) that tells this family
+        from others of the same model class (Flux.2 dev and Klein are one class, Lumina 2 and Z-Image
+        another), None: any.
     template: the tokenizer wraps the prompt in a chat template (LLM encoders): the prompt's own tokens
         are where the prompt tokenized alone sits in it; the template and the padding are not the prompt.
     context_after: token ids after whose first occurrence the context starts: the encoder drops the
         template's head up to and including them (Qwen-Image drops its system turn and "<|im_start|>user\n");
         () when the context is every token.
+    unread_conds: (model input, why) for inputs of the diffusion model that put tokens A-STAR does not place
+        into the joint sequence: a guided pass that has one is an error, never a misread map.
     """
 
     name: str
@@ -52,17 +56,27 @@ class JointFamily:
     context_width: int | None = None
     template: bool = False
     context_after: tuple[int, ...] = ()
+    unread_conds: tuple[tuple[str, str], ...] = ()
 
     def matches(self, model) -> bool:
         """True for a comfy.model_base model of exactly this family's class (and context width)."""
         if getattr(comfy.model_base, self.model_class, None) is not type(model):
             return False
-        params = getattr(getattr(model, "diffusion_model", None), "params", None)
-        return self.context_width is None or getattr(params, "context_in_dim", None) == self.context_width
+        return self.context_width is None or text_feature_width(getattr(model, "diffusion_model", None)) == self.context_width
 
     def block_counts(self, net) -> dict[str, int]:
         """Number of blocks of each type of this family's diffusion model `net`."""
         return {kind: len(getattr(net, attr)) for kind, attr in self.blocks}
+
+
+def text_feature_width(net) -> int | None:
+    """Width of the text features a diffusion model takes: Flux's params.context_in_dim, or the input of
+    NextDiT's (Lumina 2, Z-Image) caption embedder (RMSNorm, Linear); None when neither is there."""
+    params = getattr(net, "params", None)
+    if params is not None and hasattr(params, "context_in_dim"):
+        return params.context_in_dim
+    embedder = getattr(net, "cap_embedder", None)
+    return getattr(embedder[-1], "in_features", None) if embedder is not None else None
 
 
 _FLUX_BLOCKS = (("double", "double_blocks"), ("single", "single_blocks"))
@@ -91,6 +105,16 @@ JOINT_FAMILY_TABLE = {
     QWEN_IMAGE: JointFamily(QWEN_IMAGE, "Qwen-Image", "QwenImage", (("double", "transformer_blocks"),), False,
                             "double:all", (("qwen25_7b",),), "Qwen2.5-VL-7B (CLIPLoader, type qwen_image)",
                             template=True, context_after=(151644, 872, 198)),
+    # Z-Image (Turbo): ComfyUI's Lumina2 class (NextDiT), told from Lumina Image 2.0 (Gemma-2, 2304) by its
+    # Qwen3-4B context (2560). One stream of [caption, image] tokens through `layers`, after a text-only
+    # context_refiner and an image-only noise_refiner (shorter calls: never read). Its layers are counted:
+    # ComfyUI 0.3.75 sets no block index there (0.19 sets ("double", i), the same numbers). All layers by
+    # default: every layer is a joint text-image attention with shared weights, and nothing published (nor
+    # measured here) singles some out, as FOCUS does for Flux's double blocks.
+    ZIMAGE: JointFamily(ZIMAGE, "Z-Image", "Lumina2", (("double", "layers"),), True, "double:all", (("qwen3_4b",),),
+                        "Qwen3-4B (CLIPLoader, type lumina2)", context_width=2560, template=True,
+                        unread_conds=(("ref_latents", "reference latents (ReferenceLatent, Z-Image Omni) put their own "
+                                                      "caption and image tokens before the prompt's"),)),
 }
 JOINT_FAMILIES = tuple(JOINT_FAMILY_TABLE)
 
@@ -105,6 +129,10 @@ REFUSED_MODELS = {
     "ErnieImage": "Ernie-Image: " + _NO_OVERRIDE,
     "ChromaRadiance": ("Chroma Radiance works on pixels with 16x16 patches and NeRF decoder blocks; A-STAR reads "
                        "Chroma (latent) and has not been verified on Radiance"),
+    "Lumina2": ("of ComfyUI's Lumina 2 models, A-STAR reads Z-Image (Qwen3-4B text encoder); Lumina Image 2.0 and "
+                "NewBie (Gemma-2 text encoder, a system prompt before the user's) are not verified"),
+    "ZImagePixelSpace": ("Z-Image pixel space works on pixels with its own decoder; A-STAR reads Z-Image (latent) "
+                         "and has not been verified on the pixel-space variant"),
     "Flux2": ("of Flux.2, A-STAR reads Klein 4B and 9B (Qwen3 text encoder); Flux.2 dev's Mistral-3 context, "
               "left-padded by the model to 512 tokens, is not read yet"),
 }

@@ -18,8 +18,8 @@ EXAMPLES = sorted(p.stem for p in EXAMPLES_DIR.glob("*.json"))
 EXPECTED = {"astar_sd15", "astar_vs_plain", "astar_lora", "astar_controlnet", "astar_sdxl", "astar_custom_sampler",
             "astar_apply_ksampler_advanced", "record_only", "astar_flux", "astar_sd35"}
 # Flux.1 / SD3.5 / Chroma examples: run headless on the random DiT models in tests/host/test_joint_attention.py and
-# tests/host/test_joint_families.py, tests/host/test_qwen_image.py
-DIT_EXAMPLES = ("astar_flux", "astar_sd35", "astar_chroma", "astar_flux2_klein", "astar_qwen_image")
+# tests/host/test_joint_families.py, tests/host/test_qwen_image.py, tests/host/test_zimage.py
+DIT_EXAMPLES = ("astar_flux", "astar_sd35", "astar_chroma", "astar_flux2_klein", "astar_qwen_image", "astar_zimage")
 GUIDING = ("AStarKSampler", "AStarApply")  # the nodes with the guidance window
 # The examples' window is 0 to 0.5 of the model's noise schedule. Of 4 steps it guides steps 0 and 1: with the
 # "normal" scheduler step i sits at i/3 (0 and 1/3 < 0.5 <= 2/3); astar_custom_sampler's karras sigmas (14.6, 3.2,

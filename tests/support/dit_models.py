@@ -15,6 +15,8 @@ bytes for the same seed), saved once as fp16 safetensors in the test-model cache
   ``load_sd35_model`` loads it as ComfyUI's loader does (model_detection, dtype choice, get_model,
   load_model_weights, ModelPatcher) with ``num_blocks`` set to the counted blocks. The position
   embedding is cut to 64x64 patches (Medium: 384x384), enough for 1024 px, to save 0.4 GB.
+* ``build_zimage_checkpoint`` / ``zimage_clip``: Z-Image (NextDiT) at its exact widths with 2 main layers,
+  and its Qwen3-4B encoder (ZImageTokenizer's chat template) as a small random Qwen3 of width 2560.
 * ``build_joint_attention_lora``: a random LoRA on the joint-attention projections of such a file.
 * ``build_vae16``: a random KL VAE with 16 latent channels (the Flux.1 / SD3 VAE layout), for the
   example workflows' VAE Decode.
@@ -263,6 +265,62 @@ def build_vae_wan21(path, dim: int = 8, seed: int = 0) -> Path:
             if name.endswith("gamma"):
                 p.fill_(1.0)
     return M._atomic_save({k: v.half() for k, v in vae.state_dict().items()}, path)
+
+
+ZIMAGE = {  # ComfyUI's detection of a Z-Image file (model_detection: Lumina 2 keys, dim 3840, cap_pad_token)
+    "image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 3840, "cap_feat_dim": 2560, "qk_norm": True,
+    "n_heads": 30, "n_kv_heads": 30, "axes_dims": [32, 48, 48], "axes_lens": [1536, 512, 512], "rope_theta": 256.0,
+    "ffn_dim_multiplier": 8.0 / 3.0, "z_image_modulation": True, "time_scale": 1000.0, "pad_tokens_multiple": 32,
+}
+
+
+def build_zimage_checkpoint(path, layers: int = 2, seed: int = 0) -> Path:
+    """Write (or reuse) a random Z-Image (Turbo) diffusion model with few main layers at the real widths (NextDiT:
+    dim 3840, 30 heads of 128, caption features 2560 = Qwen3-4B, 16 latent channels x 2x2 patches, text and image
+    padded to multiples of 32 with learned tokens) and its 2 context-refiner and 2 noise-refiner layers (ComfyUI
+    always builds two of each): 1.1 B parameters with 2 main layers. Raw keys, fp16, as UNETLoader reads them."""
+    path = Path(path)
+    if path.exists():
+        return path
+    M._ensure_comfy()
+    import comfy.supported_models
+    net = _random_model(dict(ZIMAGE, n_layers=layers), comfy.supported_models.ZImage, seed, "zimage")
+    sd = net.state_dict()
+    del net
+    found = detected(sd)
+    if type(found[0]) is not comfy.supported_models.ZImage or found[1]["n_layers"] != layers or \
+            found[1].get("pad_tokens_multiple") != 32 or found[1]["cap_feat_dim"] != 2560:
+        raise RuntimeError(f"ComfyUI does not read the file back as this Z-Image: {found}")
+    return M._atomic_save(sd, path)
+
+
+def zimage_clip(seed: int = 0):
+    """Z-Image's text encoder as ComfyUI's CLIPLoader (type lumina2, a Qwen3-4B file) makes it:
+    comfy.text_encoders.z_image's ZImageTokenizer (chat template, no padding) and te(), with the Qwen3-4B
+    inside replaced, through the loader's "qwen3_4b_class" model option, by a small random Qwen3 of the exact
+    width (hidden 2560, 3 layers, 2 heads, MLP 64), read like the real one at its second-to-last layer."""
+    M._ensure_comfy()
+    import comfy.sd
+    import comfy.supported_models_base
+    import comfy.text_encoders.llama
+    import comfy.text_encoders.z_image as z_te
+    from comfy import sd1_clip
+
+    class SmallQwen3(z_te.Qwen3_4BModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}, **kwargs):
+            config = {"num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 1,
+                      "intermediate_size": 64}
+            sd1_clip.SDClipModel.__init__(self, device=device, layer="hidden", layer_idx=-2,
+                                          textmodel_json_config=config, dtype=dtype, special_tokens={"pad": 151643},
+                                          layer_norm_hidden_state=False, model_class=comfy.text_encoders.llama.Qwen3_4B,
+                                          enable_attention_masks=True, return_attention_masks=True,
+                                          model_options=model_options)
+
+    target = comfy.supported_models_base.ClipTarget(z_te.ZImageTokenizer, z_te.te())
+    clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32, "qwen3_4b_class": SmallQwen3})
+    M._fill_random_(clip.cond_stage_model, seed, "zimage-te")
+    _unit_norm_scales_(clip.cond_stage_model)
+    return clip
 
 
 def build_sd35_checkpoint(path, blocks: int = 3, self_attn_blocks=(0, 1), seed: int = 0) -> Path:
