@@ -21,7 +21,8 @@ class AStarTextEncode(io.ComfyNode):
             inputs=[
                 io.Clip.Input("clip", tooltip="The text encoder(s) of the model: SD1.x/SD2.x/SDXL's CLIP, Flux.1's "
                                               "CLIP-L + T5-XXL, SD3/SD3.5's CLIP-L + CLIP-G + T5-XXL, Chroma's "
-                                              "T5-XXL, Flux.2 Klein's Qwen3 (4B / 8B)."),
+                                              "T5-XXL, Flux.2 Klein's Qwen3 (4B / 8B), Qwen-Image's Qwen2.5-VL-7B, "
+                                              "Z-Image's Qwen3-4B."),
                 io.String.Input("text", multiline=True, dynamic_prompts=True,
                                 tooltip="The positive prompt. Concepts you list in the sampler must be words of it."),
             ],

@@ -23,7 +23,7 @@ from .widgets import check_options, fold_advanced
 RESOLUTIONS = {"1/32": 2, "1/16": 1, "1/8": 0, "1/64": 3}  # of the image side -> UNet downsample level
 ORDER_NOTE = ("Patch order: apply attention-replacing patches (IPAdapter, NAG, ...) BEFORE this node; "
               "A-STAR chains to them. A patch applied after it replaces A-STAR's at the same layers.")
-MODEL_TOOLTIP = "An SD1.x/SD2.x/SDXL, Flux.1, Flux.2 Klein, Chroma or SD3/SD3.5 model (LoRAs and other patches welcome). " + ORDER_NOTE
+MODEL_TOOLTIP = "An SD1.x/SD2.x/SDXL, Flux.1, Flux.2 Klein, Chroma, Qwen-Image, Z-Image or SD3/SD3.5 model (LoRAs and other patches welcome). " + ORDER_NOTE
 SAMPLERS_NOTE = (f"Works with every scheduler and every sampler except {', '.join(UNGUIDABLE.values())} "
                  f"(predictor-corrector), {', '.join(NOT_PREDICTED.values())} (steps chosen at run time), "
                  "SamplerLCMUpscale, other packs' SAMPLER objects (no rule for their steps) and s_churn > 0: "
@@ -56,8 +56,8 @@ def concept_inputs():
                        tooltip="SD1.x/SD2.x/SDXL (UNet) models only: which cross-attention layers to read, by "
                                "their size relative to the image side. 1/32 is A&E's choice (SD1.5 at 512 px: "
                                "16x16, input 7-8 and output 3-5; SDXL: input 7-8, middle, output 0-2). Small UNets "
-                               "may only have 1/16. Joint-attention models (Flux.1, Flux.2 Klein, Chroma, SD3/SD3.5) read "
-                               "joint_blocks instead: leave this at 1/32."),
+                               "may only have 1/16. Joint-attention models (Flux.1, Flux.2 Klein, Chroma, SD3/SD3.5, "
+                               "Qwen-Image, Z-Image) read joint_blocks instead: leave this at 1/32."),
     ], ADVANCED)
 
 
@@ -65,9 +65,10 @@ def joint_blocks_input():
     # optional: API-format prompts saved before this input existed stay valid
     return fold_advanced([io.String.Input(
         "joint_blocks", default="", optional=True,
-        tooltip="Joint-attention models only (Flux.1, Flux.2 Klein, Chroma, SD3/SD3.5): the blocks whose text attention makes the "
-                "maps, as TYPE:all, TYPE:N or TYPE:A-B items separated by commas. Empty = the default: "
-                f"Flux and Chroma '{DEFAULT_BLOCKS['flux']}' (every double-stream block), SD3.5 "
+        tooltip="Joint-attention models only (Flux.1, Flux.2 Klein, Chroma, SD3/SD3.5, Qwen-Image, Z-Image): the "
+                "blocks whose text attention makes the maps, as TYPE:all, TYPE:N or TYPE:A-B items separated by commas. Empty = the default: "
+                f"Flux and Chroma '{DEFAULT_BLOCKS['flux']}' (every double-stream block), Qwen-Image and Z-Image "
+                "'double:all' (every block; Z-Image's refiner layers are never read), SD3.5 "
                 f"'{DEFAULT_BLOCKS['sd3']}' (clipped to the model's blocks). Leave empty for SD1.x/SD2.x/SDXL.")], ADVANCED)[0]
 
 
@@ -143,7 +144,7 @@ def build_guidance(model, concepts, attention_resolution, positive=None, mode="a
     check_options(guidance_inputs(), {"attention_resolution": attention_resolution, "mode": mode,
                                       "binarization": binarization, "refine": refine})
     if family == UNET and joint_blocks.strip():
-        raise ValueError(f"joint_blocks ('{joint_blocks}') is for joint-attention models (Flux, Chroma, SD3.5); "
+        raise ValueError(f"joint_blocks ('{joint_blocks}') is for joint-attention models (Flux, Chroma, SD3.5, Qwen-Image, Z-Image); "
                          "this is a UNet model: "
                          "leave joint_blocks empty and choose its layers with attention_resolution")
     if family != UNET and attention_resolution != DEFAULT_RESOLUTION:

@@ -119,7 +119,7 @@ def test_concept_not_in_prompt_names_it_and_lists_the_tokens(host, mini_ckpt):
 def test_joint_blocks_on_a_unet_model_is_refused(host, mini_ckpt):
     err = run_error(host, graph(mini_ckpt, joint_blocks="double:all"))
     assert err.details.get("node_id") == "sampler", err.details
-    assert "joint_blocks ('double:all') is for joint-attention models (Flux, Chroma, SD3.5)" in str(err), str(err)
+    assert "joint_blocks ('double:all') is for joint-attention models (Flux, Chroma, SD3.5, Qwen-Image, Z-Image)" in str(err), str(err)
 
 
 def test_positive_not_from_astar_text_encode(host, mini_ckpt):

@@ -139,7 +139,7 @@ def test_texts_name_exactly_the_refused_samplers(host):
 
 def test_the_encoders_tooltip_names_every_family_it_serves(host):
     tooltip = inputs_of(node_info(host, "AStarTextEncode"))["clip"][1]["tooltip"]
-    for family in ("SD1.x", "SDXL", "Flux.1", "SD3", "Chroma", "Flux.2 Klein"):
+    for family in ("SD1.x", "SDXL", "Flux.1", "SD3", "Chroma", "Flux.2 Klein", "Qwen-Image", "Z-Image"):
         assert family in tooltip, tooltip
 
 
