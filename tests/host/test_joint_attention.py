@@ -17,6 +17,7 @@ from support import dit_models as D
 from support import dit_nodes
 from support import host as hosts
 from support.graphs import guidance_settings
+from support.joint_graphs import release
 
 FLUX_FILE = "astar-test-flux1-dev-d1s1.safetensors"
 VAE16_FILE = "astar-test-vae16.safetensors"
@@ -72,22 +73,12 @@ def dit(host):
     objects.clear()
 
 
-def _release(host, objects, names):
-    """Drop one family's models before the next family's are built (the machine is small)."""
-    import comfy.model_management
-    for name in names:
-        objects.pop(name, None)
-    host.executor.reset()
-    comfy.model_management.unload_all_models()
-    host.collect_garbage()
-
-
 @pytest.fixture(scope="class")
 def flux(host, dit):
     D.build_flux_checkpoint(hosts.models_dir() / "checkpoints" / FLUX_FILE)
     dit["flux_clip"] = D.flux_clip(seed=0)
     yield dit
-    _release(host, dit, ["flux_clip", "flux_capture", "flux_sink"])
+    release(host, dit, ["flux_clip", "flux_capture", "flux_sink"])
 
 
 @pytest.fixture(scope="class")
@@ -96,7 +87,7 @@ def sd35(host, dit):
     dit["sd35"] = D.load_sd35_model(path)
     dit["sd35_clip"] = D.sd35_clip(seed=0)
     yield dit
-    _release(host, dit, ["sd35", "sd35_clip", "sd35_capture", "sd35_sink"])
+    release(host, dit, ["sd35", "sd35_clip", "sd35_capture", "sd35_sink"])
 
 
 def graph(family, *, hook=False, blocks="", capture="", sink="", installs=1, text=PROMPT, steps=2, batch=1):
@@ -643,7 +634,7 @@ class TestSD35:
             merged_guided, merged_rec = guided_run(host, g)
             again = host.run(guided_graph("sd3", **settings), fresh=True)["sampler"][0]["samples"]
         finally:
-            _release(host, sd35, ["sd35_merged"])
+            release(host, sd35, ["sd35_merged"])
         torch.testing.assert_close(losses(lora_rec), losses(merged_rec), rtol=1e-4, atol=1e-6)
         # the LoRA moves the losses 20x further than that tolerance (random attention: its maps are flat)
         assert ((losses(lora_rec) - losses(base_rec)).abs() > 2e-3 * losses(base_rec).abs()).all()

@@ -15,32 +15,15 @@ import torch
 
 from host.test_joint_attention import (GRID, BlockCounter, ListSink, QKCapture, check_example_outputs,
                                        check_lowered, check_records, guided_run, one_iteration, run_example)
+from host.test_joint_attention import dit  # noqa: F401  (the module fixture of the test nodes)
 from support import dit_models as D
-from support import dit_nodes
 from support import host as hosts
 from support.graphs import guidance_settings
+from support.joint_graphs import joint_graph, release, with_guidance
 
 CHROMA_FILE = "astar-test-chroma-d1s1.safetensors"
 PROMPT = "A Cat and a Frog"  # capitalised: T5 keeps case, the concepts are typed "cat, frog"
 NEGATIVE = "blurry, low quality, ugly"  # as many T5 tokens as the prompt (8): cond and uncond share a batch
-
-
-@pytest.fixture(scope="module")
-def dit(host):
-    objects = {}
-    ids = dit_nodes.register(host.nodes, objects, hosts.pack_module("nodes.joint_attention"))
-    yield objects
-    dit_nodes.unregister(host.nodes, ids)
-    objects.clear()
-
-
-def release(host, objects, names=()):
-    import comfy.model_management
-    for name in names:
-        objects.pop(name, None)
-    host.executor.reset()
-    comfy.model_management.unload_all_models()
-    host.collect_garbage()
 
 
 @pytest.fixture(scope="class")
@@ -51,34 +34,14 @@ def chroma(host, dit):
     release(host, dit, [k for k in list(dit) if k.startswith("chroma")])
 
 
-def graph(*, hook=False, blocks="", capture="", sink="", text=PROMPT, steps=2, sampler="euler", model_file=CHROMA_FILE):
-    g = {
-        "model": {"class_type": "UNETLoader", "inputs": {"unet_name": model_file, "weight_dtype": "default"}},
-        "clip": {"class_type": "AStarTestClip", "inputs": {"name": "chroma_clip"}},
-        "pos": {"class_type": "AStarTextEncode", "inputs": {"clip": ["clip", 0], "text": text}},
-        "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["clip", 0], "text": NEGATIVE}},
-        "latent": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-    }
-    source = ["model", 0]
-    if hook:
-        g["hook"] = {"class_type": "AStarTestJointHook", "inputs": {"model": source, "blocks": blocks, "capture": capture,
-                                                                   "sink": sink, "installs": 1}}
-        source = ["hook", 0]
-    g["sampler"] = {"class_type": "KSampler", "inputs": {
-        "model": source, "seed": 3, "steps": steps, "cfg": 3.0, "sampler_name": sampler, "scheduler": "simple",
-        "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0], "denoise": 1.0}}
-    g["out"] = {"class_type": "PreviewAny", "inputs": {"source": ["sampler", 0]}}
-    return g
+def graph(*, hook=False, blocks="", capture="", sink="", text=PROMPT, steps=2, sampler="euler"):
+    return joint_graph(CHROMA_FILE, "chroma_clip", text=text, negative=NEGATIVE, hook=hook, blocks=blocks,
+                       capture=capture, sink=sink, steps=steps, sampler=sampler)
 
 
 def guided_graph(steps=3, guided_steps=2, hook=False, capture="", sampler="euler", **settings):
-    g = graph(steps=steps, hook=hook, capture=capture, sampler=sampler)
-    # joint models keep attention_resolution's default; the window is on the "simple" scheduler's clock
-    inputs = guidance_settings(guided_steps=guided_steps, steps=steps, scheduler="simple",
-                               **{"resolution": "1/32", **settings})
-    g["apply"] = {"class_type": "AStarApply", "inputs": {"model": g["sampler"]["inputs"]["model"], **inputs}}
-    g["sampler"]["inputs"]["model"] = ["apply", 0]
-    return g
+    return with_guidance(graph(steps=steps, hook=hook, capture=capture, sampler=sampler), steps, guided_steps,
+                         **settings)
 
 
 def t5_ids(text):
@@ -248,21 +211,13 @@ def klein(host, dit):
 
 def klein_graph(*, hook=False, blocks="", capture="", sink="", steps=2, sampler="euler"):
     """Klein (distilled): cfg 1, one cond pass per step; 64 px -> a 4x4 latent of 128 channels, patch 1."""
-    g = graph(hook=hook, blocks=blocks, capture=capture, sink=sink, steps=steps, sampler=sampler, model_file=KLEIN_FILE)
-    g["clip"]["inputs"]["name"] = "klein_clip"
-    g["latent"] = {"class_type": "EmptyFlux2LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
-    g["sampler"]["inputs"]["cfg"] = 1.0
-    return g
+    return joint_graph(KLEIN_FILE, "klein_clip", text=PROMPT, negative=NEGATIVE, latent="EmptyFlux2LatentImage",
+                       cfg=1.0, hook=hook, blocks=blocks, capture=capture, sink=sink, steps=steps, sampler=sampler)
 
 
 def klein_guided_graph(steps=3, guided_steps=2, hook=False, capture="", sampler="euler", **settings):
-    g = klein_graph(steps=steps, hook=hook, capture=capture, sampler=sampler)
-    # joint models keep attention_resolution's default; the window is on the "simple" scheduler's clock
-    inputs = guidance_settings(guided_steps=guided_steps, steps=steps, scheduler="simple",
-                               **{"resolution": "1/32", **settings})
-    g["apply"] = {"class_type": "AStarApply", "inputs": {"model": g["sampler"]["inputs"]["model"], **inputs}}
-    g["sampler"]["inputs"]["model"] = ["apply", 0]
-    return g
+    return with_guidance(klein_graph(steps=steps, hook=hook, capture=capture, sampler=sampler), steps, guided_steps,
+                         **settings)
 
 
 def qwen_template_ids(text):

@@ -101,23 +101,27 @@ def test_every_sampler_guides_exactly_the_window_states_once(host, mini_ckpt, ev
     with the update on the latent of the state's own model call; the ones A-STAR cannot place are refused
     by name before any model call."""
     import comfy.samplers
-    failures = []
-    for name in comfy.samplers.KSampler.SAMPLERS:
-        print("sampler", name, flush=True)
-        events.clear()
-        g = _ksampler_graph(mini_ckpt, name)
-        if name in REFUSED:
-            with pytest.raises(hosts.GraphError, match=f"cannot guide the sampler '{name}'.*euler"):
-                host.run(g)
-            if any(e[0] == "call" for e in events):
-                failures.append(f"{name}: refused after a model call")
-            continue
-        host.run(g)
-        (sigmas, reported, guided), = runs_of(events)
-        expected = window_states(model_sampling(host, mini_ckpt), reported)
-        if not expected or guided != expected:
-            failures.append(f"{name}: guided {guided}, expected {expected} (reported {reported})")
-    assert not failures, "\n".join(failures)
+    failures = [_guided_states_failure(host, mini_ckpt, events, name, _ksampler_graph(mini_ckpt, name),
+                                       f"cannot guide the sampler '{name}'.*euler" if name in REFUSED else None)
+                for name in comfy.samplers.KSampler.SAMPLERS]
+    assert not any(failures), "\n".join(filter(None, failures))
+
+
+def _guided_states_failure(host, ckpt, events, label, g, refusal):
+    """Runs g; what is wrong with its guided states (None when nothing): a refused run (refusal: the error's
+    pattern) must stop before any model call; another must guide exactly its reported states in the window."""
+    print("run", label, flush=True)
+    events.clear()
+    if refusal is not None:
+        with pytest.raises(hosts.GraphError, match=refusal):
+            host.run(g)
+        return f"{label}: refused after a model call" if any(e[0] == "call" for e in events) else None
+    host.run(g)
+    (sigmas, reported, guided), = runs_of(events)
+    expected = window_states(model_sampling(host, ckpt), reported)
+    if not expected or guided != expected:
+        return f"{label}: guided {guided}, expected {expected} (reported {reported})"
+    return None
 
 
 def _custom_graph(ckpt, sampler_node):
@@ -184,23 +188,12 @@ def _stock_sampler_nodes(host):
 def test_every_stock_sampler_node_guides_exactly_the_window_states_once(host, mini_ckpt, events):
     """SamplerCustomAdvanced with each stock sampler node and the parameters that change its calls: the
     window's states, each once; the nodes whose steps A-STAR cannot place are refused before any model call."""
-    failures = []
-    for node, inputs in _stock_sampler_nodes(host):
-        print("node", node, inputs, flush=True)
-        events.clear()
-        g = _custom_graph(mini_ckpt, (node, inputs))
-        if node in ("SamplerDPMAdaptative", "SamplerSASolver", "SamplerLCMUpscale"):
-            with pytest.raises(hosts.GraphError, match="cannot guide the sampler"):
-                host.run(g)
-            if any(e[0] == "call" for e in events):
-                failures.append(f"{node}: refused after a model call")
-            continue
-        host.run(g)
-        (sigmas, reported, guided), = runs_of(events)
-        expected = window_states(model_sampling(host, mini_ckpt), reported)
-        if not expected or guided != expected:
-            failures.append(f"{node} {inputs}: guided {guided}, expected {expected}")
-    assert not failures, "\n".join(failures)
+    refused = ("SamplerDPMAdaptative", "SamplerSASolver", "SamplerLCMUpscale")
+    failures = [_guided_states_failure(host, mini_ckpt, events, f"{node} {inputs}",
+                                       _custom_graph(mini_ckpt, (node, inputs)),
+                                       "cannot guide the sampler" if node in refused else None)
+                for node, inputs in _stock_sampler_nodes(host)]
+    assert not any(failures), "\n".join(filter(None, failures))
 
 
 def _expected_sigmas(sampling, steps, start, end, denoise=1.0, first=0, last=None):

@@ -15,10 +15,11 @@ import torch
 
 from host.test_joint_attention import (GRID, ListSink, check_example_outputs, check_lowered,
                                        guided_run, one_iteration, run_example)
-from host.test_joint_families import dit, release  # noqa: F401  (the test nodes' fixture)
+from host.test_joint_families import dit  # noqa: F401  (the test nodes' fixture)
 from support import dit_models as D
 from support import host as hosts
 from support.graphs import guidance_settings
+from support.joint_graphs import joint_graph, release, with_guidance
 
 ZIMAGE_FILE = "astar-test-zimage-l2.safetensors"
 PROMPT = "A Cat and a Frog"  # capitalised: Qwen's BPE keeps case, the concepts are typed "cat, frog"
@@ -41,32 +42,13 @@ def zimage(host, dit):  # noqa: F811
 
 
 def graph(*, hook=False, blocks="", capture="", sink="", steps=2, sampler="euler"):
-    g = {
-        "model": {"class_type": "UNETLoader", "inputs": {"unet_name": ZIMAGE_FILE, "weight_dtype": "default"}},
-        "clip": {"class_type": "AStarTestClip", "inputs": {"name": "zimage_clip"}},
-        "pos": {"class_type": "AStarTextEncode", "inputs": {"clip": ["clip", 0], "text": PROMPT}},
-        "neg": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["pos", 0]}},
-        "latent": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-    }
-    source = ["model", 0]
-    if hook:
-        g["hook"] = {"class_type": "AStarTestJointHook", "inputs": {"model": source, "blocks": blocks, "capture": capture,
-                                                                   "sink": sink, "installs": 1}}
-        source = ["hook", 0]
-    g["sampler"] = {"class_type": "KSampler", "inputs": {
-        "model": source, "seed": 3, "steps": steps, "cfg": 1.0, "sampler_name": sampler, "scheduler": "simple",
-        "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0], "denoise": 1.0}}
-    g["out"] = {"class_type": "PreviewAny", "inputs": {"source": ["sampler", 0]}}
-    return g
+    return joint_graph(ZIMAGE_FILE, "zimage_clip", text=PROMPT, cfg=1.0, hook=hook, blocks=blocks, capture=capture,
+                       sink=sink, steps=steps, sampler=sampler)
 
 
 def guided_graph(steps=3, guided_steps=2, hook=False, capture="", sampler="euler", **settings):
-    g = graph(steps=steps, hook=hook, capture=capture, sampler=sampler)
-    inputs = guidance_settings(guided_steps=guided_steps, steps=steps, scheduler="simple",
-                               **{"resolution": "1/32", **settings})
-    g["apply"] = {"class_type": "AStarApply", "inputs": {"model": g["sampler"]["inputs"]["model"], **inputs}}
-    g["sampler"]["inputs"]["model"] = ["apply", 0]
-    return g
+    return with_guidance(graph(steps=steps, hook=hook, capture=capture, sampler=sampler), steps, guided_steps,
+                         **settings)
 
 
 class CallCapture:

@@ -98,12 +98,8 @@ def build_flux_checkpoint(path, double_blocks: int = 1, single_blocks: int = 1, 
     if "txt_ids_dims" in {f.name for f in dataclasses.fields(FluxParams)}:
         cfg["txt_ids_dims"] = []  # ComfyUI 0.19+: which text-id axes carry positions; none for Flux.1
     net = _random_model(cfg, comfy.supported_models.Flux, seed, "flux")
-    sd = net.state_dict()
-    found = detected(sd)
-    if type(found[0]) is not comfy.supported_models.Flux or \
-            (found[1]["depth"], found[1]["depth_single_blocks"]) != (double_blocks, single_blocks):
-        raise RuntimeError(f"ComfyUI does not read the file back as this Flux: {found}")
-    return M._atomic_save(sd, path)
+    return _save_as_detected(net.state_dict(), path, comfy.supported_models.Flux,
+                             depth=double_blocks, depth_single_blocks=single_blocks)
 
 
 CHROMA = {  # ComfyUI's detection of a Chroma file (model_detection: distilled_guidance_layer present)
@@ -128,12 +124,8 @@ def build_chroma_checkpoint(path, double_blocks: int = 1, single_blocks: int = 1
     fields = {f.name for f in dataclasses.fields(ChromaParams)}
     cfg.update({k: v for k, v in (("txt_ids_dims", []), ("vec_in_dim", None)) if k in fields})  # ComfyUI 0.19+
     net = _random_model(cfg, comfy.supported_models.Chroma, seed, "chroma")
-    sd = net.state_dict()
-    found = detected(sd)
-    if type(found[0]) is not comfy.supported_models.Chroma or \
-            (found[1]["depth"], found[1]["depth_single_blocks"]) != (double_blocks, single_blocks):
-        raise RuntimeError(f"ComfyUI does not read the file back as this Chroma: {found}")
-    return M._atomic_save(sd, path)
+    return _save_as_detected(net.state_dict(), path, comfy.supported_models.Chroma,
+                             depth=double_blocks, depth_single_blocks=single_blocks)
 
 
 KLEIN_4B = {  # ComfyUI 0.19's detection of a Flux.2 file (double_stream_modulation_img), Klein 4B widths
@@ -156,12 +148,8 @@ def build_klein_checkpoint(path, double_blocks: int = 1, single_blocks: int = 1,
     import comfy.supported_models
     cfg = dict(KLEIN_4B, depth=double_blocks, depth_single_blocks=single_blocks)
     net = _random_model(cfg, comfy.supported_models.Flux2, seed, "klein4b")
-    sd = net.state_dict()
-    found = detected(sd)
-    if type(found[0]) is not comfy.supported_models.Flux2 or found[1]["context_in_dim"] != 7680 or \
-            (found[1]["depth"], found[1]["depth_single_blocks"]) != (double_blocks, single_blocks):
-        raise RuntimeError(f"ComfyUI does not read the file back as this Flux.2 Klein: {found}")
-    return M._atomic_save(sd, path)
+    return _save_as_detected(net.state_dict(), path, comfy.supported_models.Flux2, context_in_dim=7680,
+                             depth=double_blocks, depth_single_blocks=single_blocks)
 
 
 def klein_clip(seed: int = 0):
@@ -206,11 +194,7 @@ def build_qwen_image_checkpoint(path, blocks: int = 1, seed: int = 0) -> Path:
     M._ensure_comfy()
     import comfy.supported_models
     net = _random_model(dict(QWEN_IMAGE, num_layers=blocks), comfy.supported_models.QwenImage, seed, "qwen-image")
-    sd = net.state_dict()
-    found = detected(sd)
-    if type(found[0]) is not comfy.supported_models.QwenImage or found[1]["num_layers"] != blocks:
-        raise RuntimeError(f"ComfyUI does not read the file back as this Qwen-Image: {found}")
-    return M._atomic_save(sd, path)
+    return _save_as_detected(net.state_dict(), path, comfy.supported_models.QwenImage, num_layers=blocks)
 
 
 def qwen_image_clip(seed: int = 0):
@@ -287,11 +271,8 @@ def build_zimage_checkpoint(path, layers: int = 2, seed: int = 0) -> Path:
     net = _random_model(dict(ZIMAGE, n_layers=layers), comfy.supported_models.ZImage, seed, "zimage")
     sd = net.state_dict()
     del net
-    found = detected(sd)
-    if type(found[0]) is not comfy.supported_models.ZImage or found[1]["n_layers"] != layers or \
-            found[1].get("pad_tokens_multiple") != 32 or found[1]["cap_feat_dim"] != 2560:
-        raise RuntimeError(f"ComfyUI does not read the file back as this Z-Image: {found}")
-    return M._atomic_save(sd, path)
+    return _save_as_detected(sd, path, comfy.supported_models.ZImage, n_layers=layers, pad_tokens_multiple=32,
+                             cap_feat_dim=2560)
 
 
 def zimage_clip(seed: int = 0):
@@ -395,6 +376,15 @@ def build_vae_flux2(path, seed: int = 0) -> Path:
         vae.bn.running_mean.zero_()
         vae.bn.running_var.fill_(1.0)
     return M._atomic_save(vae.state_dict(), path)
+
+
+def _save_as_detected(sd: dict, path, model_config, **expected) -> Path:
+    """Save a diffusion-model state dict once ComfyUI's own detection reads it back as `model_config` (a
+    comfy.supported_models class) with the `expected` unet-config values."""
+    found = detected(sd)
+    if type(found[0]) is not model_config or any(found[1].get(k) != v for k, v in expected.items()):
+        raise RuntimeError(f"ComfyUI does not read the file back as this {model_config.__name__} {expected}: {found}")
+    return M._atomic_save(sd, path)
 
 
 def detected(sd: dict):
