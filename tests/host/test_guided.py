@@ -115,14 +115,45 @@ def _euler_ancestral(x, denoised, s, s_next, state):
     return x
 
 
-REFERENCE_STEPS = {"euler": _euler, "dpmpp_2m": _dpmpp_2m, "euler_ancestral": _euler_ancestral}
+def _heun(x, denoised, s, s_next, state):
+    """Heun (second order): an Euler step, then the mean of the slopes at both ends, the second from a model
+    call at the Euler step's latent (never guided: it is not a step's state); Euler on the step to 0."""
+    d = (x - denoised) / s
+    x_euler = x + d * (s_next - s)
+    if s_next == 0:
+        return x_euler
+    d_next = (x_euler - state["denoise"](x_euler, s_next)) / s_next
+    return x + (d + d_next) / 2 * (s_next - s)
+
+
+def _dpmpp_2m_sde(x, denoised, s, s_next, state):
+    """DPM-Solver++(2M) SDE, midpoint form, eta 1, on an eps model (half log-SNR = -log sigma, alpha = 1): the
+    exponential integrator with the previous prediction as second order, plus Brownian noise over the step
+    from the host's BrownianTreeNoiseSampler for the run's seed."""
+    if s_next == 0:
+        out = denoised
+    else:
+        h = torch.log(s) - torch.log(s_next)
+        decay = (-2 * h).expm1().neg()
+        out = s_next / s * torch.exp(-h) * x + decay * denoised
+        if state.get("old") is not None:
+            out = out + 0.5 * decay * (h / state["h_last"]) * (denoised - state["old"])
+        out = out + state["brownian"](s, s_next) * s_next * decay.sqrt()
+        state["h_last"] = h
+    state["old"] = denoised
+    return out
+
+
+REFERENCE_STEPS = {"euler": _euler, "dpmpp_2m": _dpmpp_2m, "euler_ancestral": _euler_ancestral, "heun": _heun,
+                   "dpmpp_2m_sde": _dpmpp_2m_sde}
 
 
 @pytest.mark.parametrize("sampler_name", list(REFERENCE_STEPS))
 def test_guided_sampler_equals_a_reference_loop(host, mini_ckpt, sampler_name):
     """The A-STAR KSampler equals a loop written here: at each guided step, the latent the sampler
     holds is updated by -alpha_t * grad_z L (z = x / sqrt(1 + sigma^2)) before that step's model
-    call, and the sampler continues from it with its own history (dpmpp_2m) and noise (ancestral)."""
+    call, and the sampler continues from it with its own history (dpmpp_2m), noise (ancestral, the SDE
+    sampler's Brownian noise) and second-order calls (heun), which are never guided."""
     steps, guided, cfg, seed, step_size = 4, 3, 7.5, 3, 400.0
     latent, rec = run_sampler(host, mini_ckpt, steps=steps, guided_steps=guided, cfg=cfg, seed=seed,
                               step_size=step_size, size=64, resolution="1/16", sampler_name=sampler_name)
@@ -165,8 +196,14 @@ def test_guided_sampler_equals_a_reference_loop(host, mini_ckpt, sampler_name):
     sigmas = comfy.samplers.calculate_sigmas(base.model_sampling, "normal", steps)
     alphas = [step_size * math.sqrt(a) for a in torch.linspace(1.0, 0.5, steps).tolist()]
     x = comfy.sample.prepare_noise(torch.zeros(1, 4, 8, 8), seed) * torch.sqrt(1.0 + sigmas[0] ** 2)
-    from comfy.k_diffusion.sampling import default_noise_sampler
-    state = {"noise": default_noise_sampler(x, seed=seed)}
+    from comfy.k_diffusion.sampling import BrownianTreeNoiseSampler, default_noise_sampler
+
+    def denoise(latent, sigma):  # the CFG prediction, as the sampler's model calls give it
+        s = sigma.reshape(1)
+        den_c, den_u = base.apply_model(latent, s, c_crossattn=cond), base.apply_model(latent, s, c_crossattn=uncond)
+        return den_u + cfg * (den_c - den_u)
+    state = {"noise": default_noise_sampler(x, seed=seed), "denoise": denoise,
+             "brownian": BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(), seed=seed, cpu=True)}
     masks = None
     ref_losses = []
     for i in range(steps):

@@ -19,7 +19,7 @@ from host.test_joint_attention import dit  # noqa: F401  (the module fixture of 
 from support import dit_models as D
 from support import host as hosts
 from support.graphs import guidance_settings
-from support.joint_graphs import joint_graph, release, with_guidance
+from support.joint_graphs import joint_graph, loaded_by_the_stock_loader, release, with_guidance
 
 CHROMA_FILE = "astar-test-chroma-d1s1.safetensors"
 PROMPT = "A Cat and a Frog"  # capitalised: T5 keeps case, the concepts are typed "cat, frog"
@@ -63,19 +63,14 @@ def n_txt():
 
 class TestChroma:
     def test_loaded_by_the_stock_loader_hook_is_bit_identical_and_records_explicit_probabilities(self, host, chroma):
-        import comfy.model_base
-        import comfy.supported_models
         from comfy.ldm.chroma.model import Chroma
-        outputs = host.run(graph(), fresh=True)
-        stock = outputs["sampler"][0]["samples"]
-        model = outputs["model"][0]
+        stock, model = loaded_by_the_stock_loader(host, graph(), "Chroma", "Chroma")
         net = model.model.diffusion_model
-        assert type(model.model) is comfy.model_base.Chroma and type(net) is Chroma
-        assert type(model.model.model_config) is comfy.supported_models.Chroma
+        assert type(net) is Chroma
         assert (len(net.double_blocks), len(net.single_blocks), net.hidden_size, net.num_heads) == (1, 1, 3072, 24)
         assert net.params.context_in_dim == 4096 and net.patch_size == 2
         assert hosts.pack_module("nodes.model_family").model_family(model) == "chroma"
-        del outputs, model, net
+        del model, net
         hooked = host.run(graph(hook=True))["sampler"][0]["samples"]  # default blocks, no sink
         assert torch.equal(stock, hooked)
         chroma["chroma_capture"], chroma["chroma_sink"] = QKCapture(n_txt=n_txt()), ListSink()
@@ -237,16 +232,12 @@ def qwen_template_ids(text):
 
 class TestFlux2Klein:
     def test_loaded_by_the_stock_loader_hook_is_bit_identical_and_records_explicit_probabilities(self, host, klein):
-        import comfy.model_base
-        outputs = host.run(klein_graph(), fresh=True)
-        stock = outputs["sampler"][0]["samples"]
-        model = outputs["model"][0]
+        stock, model = loaded_by_the_stock_loader(host, klein_graph(), "Flux2")
         net = model.model.diffusion_model
-        assert type(model.model) is comfy.model_base.Flux2
         assert (len(net.double_blocks), len(net.single_blocks), net.hidden_size, net.num_heads) == (1, 1, 3072, 24)
         assert net.params.context_in_dim == 7680 and net.patch_size == 1 and not net.params.guidance_embed
         assert hosts.pack_module("nodes.model_family").model_family(model) == "flux2_klein_4b"
-        del outputs, model, net
+        del model, net
         assert torch.equal(stock, host.run(klein_graph(hook=True))["sampler"][0]["samples"])
         klein["klein_capture"], klein["klein_sink"] = QKCapture(n_txt=512), ListSink()
         recorded = host.run(klein_graph(hook=True, blocks="double:all, single:all", capture="klein_capture",

@@ -20,7 +20,7 @@ from host.test_joint_attention import (GRID, BlockCounter, ListSink, QKCapture, 
 from host.test_joint_families import dit  # noqa: F401  (the module fixture of the test nodes)
 from support import dit_models as D
 from support import host as hosts
-from support.joint_graphs import joint_graph, release, with_guidance
+from support.joint_graphs import joint_graph, loaded_by_the_stock_loader, release, with_guidance
 
 QWEN_FILE = "astar-test-qwen-image-b1.safetensors"
 PROMPT = "A Cat and a Frog"  # capitalised: the Qwen tokenizer keeps case, the concepts are typed "cat, frog"
@@ -98,19 +98,14 @@ def n_txt(min_length=None):
 
 class TestQwenImage:
     def test_loaded_by_the_stock_loader_hook_is_bit_identical_and_records_explicit_probabilities(self, host, qwen):
-        import comfy.model_base
-        import comfy.supported_models
         from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
-        outputs = host.run(graph(), fresh=True)
-        stock = outputs["sampler"][0]["samples"]
-        model = outputs["model"][0]
+        stock, model = loaded_by_the_stock_loader(host, graph(), "QwenImage", "QwenImage")
         net = model.model.diffusion_model
-        assert type(model.model) is comfy.model_base.QwenImage and type(net) is QwenImageTransformer2DModel
-        assert type(model.model.model_config) is comfy.supported_models.QwenImage
+        assert type(net) is QwenImageTransformer2DModel
         assert (len(net.transformer_blocks), net.inner_dim, net.transformer_blocks[0].attn.heads) == (1, 3072, 24)
         assert net.txt_in.weight.shape[1] == 3584 and net.patch_size == 2
         assert hosts.pack_module("nodes.model_family").model_family(model) == "qwen_image"
-        del outputs, model, net
+        del model, net
         assert torch.equal(stock, host.run(graph(hook=True))["sampler"][0]["samples"])  # default blocks, no sink
         qwen["qwen_capture"], qwen["qwen_sink"] = QKCapture(n_txt=n_txt()), ListSink()
         recorded = host.run(graph(hook=True, blocks="double:all", capture="qwen_capture",

@@ -19,7 +19,7 @@ from host.test_joint_families import dit  # noqa: F401  (the test nodes' fixture
 from support import dit_models as D
 from support import host as hosts
 from support.graphs import guidance_settings
-from support.joint_graphs import joint_graph, release, with_guidance
+from support.joint_graphs import joint_graph, loaded_by_the_stock_loader, release, with_guidance
 
 ZIMAGE_FILE = "astar-test-zimage-l2.safetensors"
 PROMPT = "A Cat and a Frog"  # capitalised: Qwen's BPE keeps case, the concepts are typed "cat, frog"
@@ -93,19 +93,14 @@ def qwen_template_ids(text):
 
 class TestZImage:
     def test_loaded_by_the_stock_loader_hook_is_bit_identical_and_records_explicit_probabilities(self, host, zimage):
-        import comfy.model_base
-        import comfy.supported_models
         from comfy.ldm.lumina.model import NextDiT
-        outputs = host.run(graph(), fresh=True)
-        stock = outputs["sampler"][0]["samples"]
-        model = outputs["model"][0]
+        stock, model = loaded_by_the_stock_loader(host, graph(), "Lumina2", "ZImage")
         net = model.model.diffusion_model
-        assert type(model.model) is comfy.model_base.Lumina2 and type(net) is NextDiT
-        assert type(model.model.model_config) is comfy.supported_models.ZImage
+        assert type(net) is NextDiT
         assert (len(net.layers), len(net.context_refiner), len(net.noise_refiner), net.dim) == (2, 2, 2, 3840)
         assert net.cap_embedder[-1].in_features == 2560 and net.pad_tokens_multiple == SLOTS and net.patch_size == 2
         assert hosts.pack_module("nodes.model_family").model_family(model) == "zimage"
-        del outputs, model, net
+        del model, net
         assert torch.equal(stock, host.run(graph(hook=True))["sampler"][0]["samples"])  # default blocks, no sink
         zimage["zimage_capture"], zimage["zimage_sink"] = capture, sink = CallCapture(), ListSink()
         recorded = host.run(graph(hook=True, blocks="double:all", capture="zimage_capture",

@@ -50,3 +50,16 @@ def release(host, objects, names=()):
     host.executor.reset()
     comfy.model_management.unload_all_models()
     host.collect_garbage()
+
+
+def loaded_by_the_stock_loader(host, g, model_class: str, config_class: str | None = None):
+    """Runs g afresh; ComfyUI's UNETLoader must have built comfy.model_base.<model_class> (and, when given,
+    comfy.supported_models.<config_class>). Returns (the sampler's latent, the ModelPatcher)."""
+    import comfy.model_base
+    import comfy.supported_models
+    outputs = host.run(g, fresh=True)
+    model = outputs["model"][0]
+    assert type(model.model) is getattr(comfy.model_base, model_class), type(model.model)
+    if config_class is not None:
+        assert type(model.model.model_config) is getattr(comfy.supported_models, config_class)
+    return outputs["sampler"][0]["samples"], model
