@@ -65,11 +65,13 @@ def refinement_threshold(fraction: float, previous_fraction: float, points: Mapp
 def previous_fractions(fractions: Sequence[float]) -> list[float]:
     """For each state of a run (their fractions, in order), the fraction of the state before it; before
     the run's first state, one step of the run earlier (extrapolated), so that a run starting mid-schedule
-    (a second KSamplerAdvanced segment) does not take a point that an earlier run already passed."""
+    (img2img; a second KSamplerAdvanced segment of another model) does not take a point that an earlier run
+    already passed; a run of one state has no step to go by and takes every point up to it."""
     if not fractions:
         return []
-    gap = fractions[1] - fractions[0] if len(fractions) > 1 else fractions[0]
-    return [fractions[0] - max(gap, FRACTION_TOLERANCE * 2), *fractions[:-1]]
+    if len(fractions) == 1:  # no gap to go by: taken as before the schedule's start (nothing passed yet)
+        return [-FRACTION_TOLERANCE * 2]
+    return [fractions[0] - max(fractions[1] - fractions[0], FRACTION_TOLERANCE * 2), *fractions[:-1]]
 
 
 def parse_thresholds(text: str) -> MappingProxyType:

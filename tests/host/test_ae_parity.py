@@ -98,8 +98,9 @@ def sd15_scheduler():
                                    set_alpha_to_one=False)
 
 
-def run_diffusers(unet, cond, z, thresholds):
-    """diffusers' A&E pipeline from latent z for its first step of 50; returns what it did at that step."""
+def run_diffusers(unet, cond, z, thresholds, scale_factor=SCALE):
+    """diffusers' A&E pipeline from latent z for its first step of 50 (step size scale_factor there); returns
+    what it did at that step."""
     pipe = diffusers.StableDiffusionAttendAndExcitePipeline(
         vae=None, text_encoder=None, tokenizer=None, unet=unet, scheduler=sd15_scheduler(), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)
@@ -129,6 +130,7 @@ def run_diffusers(unet, cond, z, thresholds):
     try:
         pipe(prompt=None, prompt_embeds=cond, token_indices=TOKENS, height=SIZE, width=SIZE, num_inference_steps=STEPS,
              guidance_scale=1.0, latents=z.clone(), attn_res=(ATTN_RES, ATTN_RES), thresholds=thresholds,
+             scale_factor=scale_factor,
              output_type="latent", callback=stop)
         raise AssertionError("diffusers' callback never ran")
     except _StopAfterFirstStep:
@@ -234,13 +236,18 @@ def test_attend_excite_mode_matches_diffusers_first_step(host, mini_ckpt, monkey
         hook.remove()
     z = pack["z"]
     torch.testing.assert_close(z, expected_z, rtol=1e-6, atol=1e-6)
-    theirs = run_diffusers(unet, cond, z, thresholds={0: threshold})
+    # The step size is on the noise clock (docs/schedule.md): timestep 981 lies at f = 1 - 981/999 of SD's
+    # schedule, where A&E's rule 20 * sqrt(1 - f / 2) gives 19.91 (A&E's pipeline counts steps: 20 at its step
+    # 0). diffusers runs with that size, so everything else is compared like for like.
+    fraction = 1 - FIRST_TIMESTEP / 999
+    assert pack["step_size"] == pytest.approx(SCALE * math.sqrt(1 - fraction / 2), rel=1e-4)
+    theirs = run_diffusers(unet, cond, z, thresholds={0: threshold}, scale_factor=pack["step_size"])
     result = pack["result"]
 
     # The pack's settings at this step are A&E's.
     config = pack["config"]
     assert (config.mode, config.refine, config.smooth, config.max_refine_iters) == ("attend_excite", True, True, 20)
-    assert pack["step_size"] == pytest.approx(SCALE, rel=1e-6) and theirs["step_sizes"][0] == pytest.approx(SCALE)
+    assert theirs["step_sizes"][0] == pytest.approx(pack["step_size"], rel=1e-6)
     assert pack["threshold"] == threshold
     # Same layers: A&E keeps its 16x16 cross-attention (1 down, 2 up; the 8x8 middle block left out).
     assert pack["layers"] == LAYERS

@@ -113,6 +113,8 @@ def test_refinement_points_are_fractions_of_the_noise_schedule():
     # a second KSamplerAdvanced segment (steps 6-49 of 50) does not refine at point 0 again; 0.2 and 0.4
     # fall on the same states as in the full run
     assert {i + 6: t for i, t in refined(run(50)[6:]).items()} == {10: 0.5, 20: 0.8}
+    # a run of one state (KSamplerAdvanced's first step of 50 alone, at timestep 981) takes point 0
+    assert refined([0.018]) == {0: 0.05}
     # a run starting past 0.2 (img2img) takes 0.4 where the full run does, and not 0 or 0.2
     assert {i + 12: t for i, t in refined(run(50)[12:]).items()} == {20: 0.8}
 
