@@ -131,12 +131,12 @@ def test_two_samplers_sharing_a_patched_model_record_two_runs(host, loaded):
     positive, negative = _encode(clip, PROMPT), _encode(clip, "", astar=False)
     build = hosts.pack_module("nodes.guidance_inputs").build_guidance
     patched, runs = build(model, "cat, frog", "1/16", positive=positive, guidance_end=0.5, step_size=20.0)
-    for steps in (2, 3):
+    for steps in (2, 4):  # "normal": states at i/(steps-1); the window 0-0.5 guides 1 of 2 and 2 of 4
         latent = torch.zeros(1, 4, 8, 8)
         with torch.inference_mode():
             comfy.sample.sample(patched, comfy.sample.prepare_noise(latent, 0), steps, 5.0, "euler", "normal",
                                 positive, negative, latent, seed=0)
-    assert [len(r.steps) for r in runs] == [2, 3]  # one recording per run, in order, none mixed
+    assert [len(r.steps) for r in runs] == [2, 4]  # one recording per run, in order, none mixed
     assert [sum(s.iterations > 0 for s in r.steps) for r in runs] == [1, 2]
 
 
