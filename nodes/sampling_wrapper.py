@@ -140,12 +140,11 @@ class AStarSampling:
         own.sampler_function = run.wrap(sampler.sampler_function)
         rest = comfy.patcher_extension.WrapperExecutor.new_class_executor(
             own.sample, own, executor.wrappers, idx=executor.idx + 1)
-        self.handover, handover = None, self.handover
-        run.handover = handover
         try:
             result = rest.execute(guider, sigmas, extra_args, callback, noise, *args, **kwargs)
         finally:
             self.recordings.append(run.recording())
+            self.handover = None  # a run that failed leaves nothing to continue
         self.handover = run.end()
         return result
 
@@ -190,7 +189,6 @@ class _GuidedRun:
         self.fractions: list[float] = []
         self.previous: list[float] = []
         self.shape: tuple = ()
-        self.handover: Handover | None = None  # the end of the model's previous run, set by the owner
 
     def guides(self, sigma_max: float, sigma_min: float) -> bool:
         """Whether a run whose states lie in [sigma_min, sigma_max] may take a guidance step."""
@@ -212,7 +210,7 @@ class _GuidedRun:
         self.fractions = [schedule_fraction(s, self.percent_to_sigma) for s in state_sigmas]
         self.previous = previous_fractions(self.fractions)
         self.shape = shape
-        before = self.handover
+        before = self.owner.handover  # the model's previous run, until this one ends
         if before is not None and self.fractions and before.shape == shape and \
                 math.isclose(before.sigma, self.sigmas[0], rel_tol=SIGMA_RTOL):
             self.previous[0] = before.fraction
