@@ -1,7 +1,8 @@
 """Collectors for the text-attention probabilities seen during model forward passes.
 
-The UNet's cross-attention patch and the joint-attention hook (Flux, SD3) hand every selected layer's
-or block's cond-branch probabilities [B, h*w, T] to the collectors that are active in that pass. One collector object per sampling run or guidance pass; nothing global.
+The UNet's cross-attention patch and the joint-attention hook hand every selected layer's or block's
+cond-branch probabilities [B, h*w, T] to the sinks (AttentionSink) that are active in that pass. One
+collector object per sampling run or guidance pass; nothing global.
 """
 from __future__ import annotations
 
@@ -19,7 +20,27 @@ class StopForward(BaseException):
     `except Exception` (an out-of-memory fallback, say) cannot swallow it."""
 
 
-class GuidanceCapture:
+class AttentionSink:
+    """What a reader hands probabilities to; every collector is one.
+
+    level: UNet passes: the downsample level of the layers it takes (2 = 1/32 of the image side); joint
+        passes hand it every read block whatever its level.
+    uuids: the ComfyUI cond uuids of the prompt whose cond chunks it takes; None = every cond chunk.
+    complete: True once it has every layer it needs; when every sink of a pass is complete the reader
+        raises StopForward (a lean guidance pass).
+    record(key, probs, size, step): layer or block `key`'s probabilities [B, h*w, T] (B = one cond chunk's
+        batch; head-mean softmax of the image queries over the text keys; differentiable in a guidance
+        pass) on the (h, w) grid `size`, in the pass of sampler step `step` (None: not an A-STAR step)."""
+
+    level: int | None = None
+    uuids = None
+    complete = False
+
+    def record(self, key, probs: torch.Tensor, size: tuple[int, int], step) -> None:
+        raise NotImplementedError
+
+
+class GuidanceCapture(AttentionSink):
     """Differentiable probabilities of one guidance forward pass (A&E's aggregation: mean over
     heads and layers of the raw probabilities, token softmax afterwards).
 
@@ -103,7 +124,7 @@ class GuidancePasses:
         self.layers = tuple(capture.keys) or None
 
 
-class RunCapture:
+class RunCapture(AttentionSink):
     """Concept maps of the sampler's own passes, one set per denoising step, kept on the model's
     device during the run (no synchronisation per layer) and moved to the CPU once, by to_recording.
 

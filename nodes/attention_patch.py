@@ -1,18 +1,11 @@
 """The cross-attention patch that feeds the collectors (attention/capture.py) from the UNet's layers."""
 from __future__ import annotations
 
-import torch
-
 import comfy.ldm.modules.attention as comfy_attention
 from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, UNetModel, Upsample
 
-from ..attention.capture import StopForward
 from ..attention.maps import downsample_level, head_mean_probs
-
-# transformer_options keys: the collectors (attention/capture.py) active in the current forward pass,
-# and the index of the sampler step that pass belongs to (set by the sampling wrapper).
-CAPTURES_KEY = "astar_captures"
-STEP_KEY = "astar_step"
+from .transformer_options import CAPTURES_KEY, hand_to_sinks
 
 
 def require_cross_attention_unet(model_patcher) -> UNetModel:
@@ -60,20 +53,6 @@ def layer_depths(model_patcher) -> list[tuple[tuple[str, int, int], int]] | None
     return cross_attention_layers(model_patcher)
 
 
-def step_of(extra_options) -> int | None:
-    """Index of the current sampler step: the one the sampling wrapper set, else (a pass outside an
-    A-STAR run) the position of the current sigma in the run's schedule, None when it is not in it."""
-    if STEP_KEY in extra_options:
-        return extra_options[STEP_KEY]
-    schedule = extra_options.get("sample_sigmas")
-    sigma = extra_options.get("sigmas")
-    if schedule is None or sigma is None:
-        return None
-    hits = torch.isclose(schedule.float().cpu(), sigma.detach().float().cpu().reshape(-1)[:1], rtol=1e-5, atol=0.0)
-    idx = torch.nonzero(hits)
-    return int(idx[0]) if len(idx) else None
-
-
 class AttentionCapturePatch:
     """attn2 replace for one layer: hands the cond branch's attention probabilities to the active
     collectors, then computes attention exactly as before (the previous replace at this layer, or
@@ -101,31 +80,16 @@ class AttentionCapturePatch:
         wanted = [c for c in captures if c.level == level]
         if not wanted:
             return
-        chunks = extra_options.get("cond_or_uncond") or [0]
-        uuids = extra_options.get("uuids")
-        size = q.shape[0] // len(chunks)
-        per_chunk = {}
+        chunk = q.shape[0] // len(extra_options.get("cond_or_uncond") or [0])
+        shared_k = k.shape[0] != q.shape[0]
 
         def chunk_probs(j):
-            if j not in per_chunk:
-                per_chunk[j] = head_mean_probs(q[j * size:(j + 1) * size],
-                                               k[j * size:(j + 1) * size] if k.shape[0] == q.shape[0] else k,
-                                               extra_options["n_heads"])
-            return per_chunk[j]
+            rows = slice(j * chunk, (j + 1) * chunk)
+            return head_mean_probs(q[rows], k if shared_k else k[rows], extra_options["n_heads"])
 
         block = extra_options.get("block")
         key = (block[0], block[1], extra_options.get("block_index", 0))
-        step = extra_options.get(STEP_KEY)
-        for c in wanted:
-            # the cond chunks of the entries that carry the prompt (not a Combine'd other prompt)
-            picked = [j for j, kind in enumerate(chunks) if kind == 0 and
-                      (c.uuids is None or uuids is None or uuids[j] in c.uuids)]
-            if picked:
-                probs = [chunk_probs(j) for j in picked]
-                mean = probs[0] if len(probs) == 1 else torch.stack(probs).mean(0)
-                c.record(key, mean, (int(act[0]), int(act[1])), step)
-        if all(getattr(c, "complete", False) for c in captures):
-            raise StopForward  # lean guidance pass: later layers cannot change the loss
+        hand_to_sinks(captures, wanted, extra_options, key, (int(act[0]), int(act[1])), chunk_probs)
 
 
 def add_capture_patches(model_patcher) -> None:

@@ -11,16 +11,14 @@ from ..attention.guidance import GuidanceConfig
 from ..attention.recording import RecordedRuns
 from ..attention.schedule import AE_REFINEMENT_POINTS, parse_thresholds
 from ..attention.tokens import NoConceptGiven, parse_concepts
-from .attention_patch import add_capture_patches, layer_depths
-from .joint_attention import DEFAULT_BLOCKS, add_joint_attention_hook
-from .joint_tokens import joint_token_layout
-from .model_family import UNET, model_family
+from .joint_attention import DEFAULT_BLOCKS
+from .model_family import joint_family
 from .prompt import missing_concepts_error, prompt_tokens_of
+from .readers import DEFAULT_RESOLUTION, RESOLUTIONS, reader_for
 from .sampler_steps import NOT_PREDICTED, UNGUIDABLE
 from .sampling_wrapper import WRAPPER_KEY, AStarSampling
 from .widgets import check_options, fold_advanced
 
-RESOLUTIONS = {"1/32": 2, "1/16": 1, "1/8": 0, "1/64": 3}  # of the image side -> UNet downsample level
 ORDER_NOTE = ("Patch order: apply attention-replacing patches (IPAdapter, NAG, ...) BEFORE this node; "
               "A-STAR chains to them. A patch applied after it replaces A-STAR's at the same layers.")
 MODEL_TOOLTIP = "An SD1.x/SD2.x/SDXL, Flux.1, Flux.2 Klein, Chroma, Qwen-Image, Z-Image or SD3/SD3.5 model (LoRAs and other patches welcome). " + ORDER_NOTE
@@ -29,7 +27,6 @@ SAMPLERS_NOTE = (f"Works with every scheduler and every sampler except {', '.joi
                  "SamplerLCMUpscale, other packs' SAMPLER objects (no rule for their steps) and s_churn > 0: "
                  "those are refused with an error while guiding and may record with guidance_end 0.")
 AE_THRESHOLDS_TEXT = ", ".join(f"{p:g}:{t:g}" for p, t in AE_REFINEMENT_POINTS.items())
-DEFAULT_RESOLUTION = "1/32"
 # The widget each GuidanceConfig field comes from, where the names differ: errors name what the user sees.
 CONFIG_WIDGETS = {"start": "guidance_start", "end": "guidance_end", "scale": "step_size",
                   "refine_points": "refine_thresholds", "fraction": "mask_fraction", "smooth": "smoothing"}
@@ -140,18 +137,10 @@ def build_guidance(model, concepts, attention_resolution, positive=None, mode="a
     Validates everything it can before any sampling."""
     # The model first: with a video model the prompt comes from another encoder, and the model's type
     # is the error to report, not the prompt's.
-    family = model_family(model)
+    joint_family(model)
     check_options(guidance_inputs(), {"attention_resolution": attention_resolution, "mode": mode,
                                       "binarization": binarization, "refine": refine})
-    if family == UNET and joint_blocks.strip():
-        raise ValueError(f"joint_blocks ('{joint_blocks}') is for joint-attention models (Flux, Chroma, SD3.5, Qwen-Image, Z-Image); "
-                         "this is a UNet model: "
-                         "leave joint_blocks empty and choose its layers with attention_resolution")
-    if family != UNET and attention_resolution != DEFAULT_RESOLUTION:
-        raise ValueError(f"attention_resolution ('{attention_resolution}') is for SD1.x/SD2.x/SDXL UNet models; "
-                         f"this is a {family} model, whose maps come from joint_blocks: set attention_resolution "
-                         f"back to {DEFAULT_RESOLUTION} and choose its blocks with joint_blocks (empty = the "
-                         "default blocks)")
+    reader = reader_for(model, attention_resolution, joint_blocks)
     if model.get_wrappers(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY):
         raise ValueError("A-STAR is already applied to this model (an A-STAR Apply, Recorder or KSampler before "
                          "this node): apply it once, listing every concept in that one node.")
@@ -178,23 +167,14 @@ def build_guidance(model, concepts, attention_resolution, positive=None, mode="a
         raise ValueError(f"{layout_masks.shape[0]} layout masks for {len(specs)} concepts: give one mask per "
                          "concept, in the order of the concepts (an all-zero mask leaves a concept free)")
     if positive is not None:  # fail now, before sampling, on a word not in the prompt
-        prompt = prompt_tokens_of(positive)
-        if family == UNET:
-            prompt.locate(specs)
-        else:
-            joint_token_layout(prompt, specs, family)
+        reader.locate(prompt_tokens_of(positive), specs)
     if mode == "astar" and len(specs) == 1 and guidance_end > guidance_start:
         logging.warning("A-STAR: one concept ('%s'): no pair to segregate, guiding with retention only",
                         specs[0].label)
     runs = RecordedRuns()
     patched = model.clone()
-    if family == UNET:
-        add_capture_patches(patched)
-        reader = {"level": RESOLUTIONS[attention_resolution], "layer_depths": layer_depths(patched)}
-    else:
-        blocks = add_joint_attention_hook(patched, joint_blocks.strip() or None)
-        reader = {"patch_size": int(patched.model.diffusion_model.patch_size), "blocks": blocks}
+    reader.install(patched)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY,
-                                 AStarSampling(specs, config, runs, family=family, layout_masks=layout_masks,
-                                               single_pass=single_pass, **reader))
+                                 AStarSampling(specs, config, runs, reader, layout_masks=layout_masks,
+                                               single_pass=single_pass))
     return patched, runs

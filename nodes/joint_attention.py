@@ -1,4 +1,4 @@
-"""Recording the text-key attention of joint-attention models (Flux.1, SD3 / SD3.5) in ComfyUI.
+"""Reading the text-key attention of joint-attention models (model_family.py's table) in ComfyUI.
 
 Where ComfyUI (0.3.75) lets a pack see a joint block's attention: both families call
 `comfy.ldm.modules.attention.optimized_attention(q, k, v, heads, ..., transformer_options=...)`
@@ -22,20 +22,13 @@ Neither the number of text tokens nor the image grid reaches the attention call,
 wrapper (which sees the latent and the context) puts them, with the counter, into a copy of the
 pass's transformer_options, and only in passes that carry a sink.
 
-Protocol (what the guidance code uses):
-- transformer_options[CAPTURES_KEY] (the key the UNet patch reads too; model_options["transformer_options"]
-  of the pass, or a per-pass copy of it): a list of sinks (attention/capture.py's collectors). Each
-  sink has `record(key, probs, grid_hw, step)` and may have
-  `uuids` (None = every cond entry; else the ComfyUI cond uuids whose cond chunks to read) and
-  `complete` (when every sink is complete after a record, the hook raises
-  attention.capture.StopForward, as the UNet patch does for a lean guidance pass).
-- record() gets key = ("double", i) / ("single", i) for Flux, ("joint", i) for SD3; probs
-  [B, n_img, n_txt] float32 (B = the batch of one cond chunk, mean over the picked cond chunks; the
-  head-mean softmax probabilities of the image queries on the text keys, softmax over all keys;
-  differentiable when q/k require grad); grid_hw = (h, w) image-token grid (row-major pixels);
-  step = index of the sigma in the run's schedule or None.
-- Nothing is recorded, and the previous override (or ComfyUI's attention) is called with the very
-  same arguments, when no sink is present: outputs are bit-identical to a model without the hook.
+What it hands the sinks of a pass (transformer_options[CAPTURES_KEY], attention/capture.py's AttentionSink,
+through transformer_options.hand_to_sinks as the UNet patch does): key = (block type, index), e.g.
+("double", i) / ("single", i) for Flux, ("joint", i) for SD3; probs [B, n_img, n_txt] float32 (the
+head-mean softmax probabilities of the image queries on the text keys, softmax over all keys;
+differentiable when q/k require grad); size = the (h, w) image-token grid (row-major). Nothing is
+recorded, and the previous override (or ComfyUI's attention) is called with the very same arguments,
+when no sink is present: outputs are bit-identical to a model without the hook.
 """
 from __future__ import annotations
 
@@ -45,14 +38,10 @@ from dataclasses import dataclass
 
 import comfy.patcher_extension
 
-from ..attention.capture import StopForward
 from ..attention.joint import text_key_probs
-from .attention_patch import CAPTURES_KEY, step_of
 from .model_family import JOINT_FAMILY_TABLE, JointFamily, joint_family
+from .transformer_options import CAPTURES_KEY, OVERRIDE_KEY, PASS_KEY, hand_to_sinks
 
-# transformer_options keys
-PASS_KEY = "astar_joint_pass"  # JointPass of the current forward (set by JointLayoutWrapper)
-OVERRIDE_KEY = "optimized_attention_override"  # ComfyUI's own key
 WRAPPER_KEY = "astar_joint_attention"  # key of the APPLY_MODEL wrapper
 
 # Defaults per family (the reasons are in nodes/model_family.py's table). A block list beyond the
@@ -174,31 +163,16 @@ class JointAttentionOverride:
         key = self._block_key(layout, options)
         if key not in self.blocks:
             return
-        chunks = options.get("cond_or_uncond") or [0]
-        uuids = options.get("uuids")
-        size = q.shape[0] // len(chunks)
+        chunk = q.shape[0] // len(options.get("cond_or_uncond") or [0])
         mask = _normalise_mask(call.get("mask"))
         txt, img = (0, layout.n_txt), (layout.img_start, layout.img_start + layout.n_img)
-        per_chunk = {}
 
         def chunk_probs(j):
-            if j not in per_chunk:
-                rows = slice(j * size, (j + 1) * size)
-                m = mask[rows] if mask is not None and mask.shape[0] == q.shape[0] else mask
-                per_chunk[j] = text_key_probs(q[rows], k[rows] if k.shape[0] == q.shape[0] else k, txt, img, mask=m)
-            return per_chunk[j]
+            rows = slice(j * chunk, (j + 1) * chunk)
+            m = mask[rows] if mask is not None and mask.shape[0] == q.shape[0] else mask
+            return text_key_probs(q[rows], k[rows] if k.shape[0] == q.shape[0] else k, txt, img, mask=m)
 
-        step = step_of(options)
-        for sink in sinks:
-            wanted = getattr(sink, "uuids", None)
-            picked = [j for j, kind in enumerate(chunks) if kind == 0 and
-                      (wanted is None or uuids is None or uuids[j] in wanted)]
-            if picked:
-                probs = [chunk_probs(j) for j in picked]
-                mean = probs[0] if len(probs) == 1 else sum(probs) / len(probs)
-                sink.record(key, mean, layout.grid_hw, step)
-        if all(getattr(s, "complete", False) for s in sinks):
-            raise StopForward
+        hand_to_sinks(sinks, sinks, options, key, layout.grid_hw, chunk_probs)
 
 
 NO_ATTENTION_REACHED = (
@@ -245,15 +219,22 @@ class JointLayoutWrapper:
 
 
 def add_joint_attention_hook(model_patcher, blocks: str | None = None) -> tuple[tuple[str, int], ...]:
-    """Install the recording hook on a (cloned) Flux or SD3 MODEL: the attention override, chained to
-    an override already in its transformer_options, and the layout wrapper (installing it again on a
-    hooked model replaces the block choice). blocks: as parse_blocks
-    reads them; None = DEFAULT_BLOCKS of the family. Returns the block keys that will be recorded."""
+    """Install the recording hook on a (cloned) joint-attention MODEL (install_joint_attention_hook) with the
+    blocks named by `blocks` as parse_blocks reads them; None = the family's default blocks. Returns the
+    block keys that will be recorded."""
     family = joint_family(model_patcher)
     if family is None:
-        raise ValueError("joint-attention maps need a joint-attention model (Flux.1, Flux.2 Klein, Chroma, SD3/SD3.5); this is a "
-                         "UNet model: its cross-attention is read by the UNet patch")
+        raise ValueError("joint-attention maps need a joint-attention model (Flux.1, Flux.2 Klein, Chroma, SD3/SD3.5, "
+                         "Qwen-Image, Z-Image); this is a UNet model: its cross-attention is read by the UNet patch")
     keys = parse_blocks(family.default_blocks if blocks is None else blocks, block_counts(model_patcher))
+    install_joint_attention_hook(model_patcher, family, keys)
+    return keys
+
+
+def install_joint_attention_hook(model_patcher, family: JointFamily, keys) -> None:
+    """Install the hook on a (cloned) MODEL of `family`, reading the blocks `keys`: the attention override,
+    chained to an override already in its transformer_options, and the layout wrapper (installing it again
+    on a hooked model replaces the block choice)."""
     net = model_patcher.model.diffusion_model
     options = model_patcher.model_options.setdefault("transformer_options", {})
     previous = options.get(OVERRIDE_KEY)
@@ -265,4 +246,3 @@ def add_joint_attention_hook(model_patcher, blocks: str | None = None) -> tuple[
         comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY,
         JointLayoutWrapper(int(net.patch_size), int(getattr(net, "register_length", 0) or 0),
                            getattr(net, "pad_tokens_multiple", None), family.unread_conds, family.label))
-    return keys

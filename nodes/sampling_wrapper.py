@@ -27,30 +27,20 @@ import comfy.samplers
 from ..attention.capture import GuidancePasses, RunCapture
 from ..attention.cpu_convolutions import direct_cpu_convolutions, use_direct_kernel
 from ..attention.guidance import GuidanceConfig, guided_step
-from ..attention.maps import downsample_level, gaussian_smooth, resize_mask
+from ..attention.maps import gaussian_smooth, resize_mask
 from ..attention.recording import AttentionRecording
 from ..attention.saved_tensors import saved_tensor_policy
 from ..attention.schedule import (in_window, previous_fractions, refinement_threshold, schedule_fraction,
                                   step_size_at)
 from ..attention.tokens import ConceptSpec
-from .attention_patch import CAPTURES_KEY, STEP_KEY
 from .autograd_weights import casts_weights, control_modules, gradient_to_input, make_autograd_safe
 from .gradient_path import GradientWatch, hook_swapped_weights, patch_networks, without_compile
-from .joint_tokens import joint_token_layout
-from .model_family import UNET
 from .prompt import PROMPT_KEY, context_tokens, missing_concepts_error, prompt_tokens_of
 from .sampler_steps import (UNGUIDABLE, NOT_PREDICTED, StateSchedule, StatesUnknown, bound_keywords, function_name,
                             predict_states, refusal, SIGMA_RTOL)
+from .transformer_options import CAPTURES_KEY, STEP_KEY
 
 WRAPPER_KEY = "astar_guidance"
-
-
-def map_size(latent_hw, level):
-    """Spatial size of the UNet activations `level` downsamplings below the latent (stride-2, pad 1)."""
-    h, w = latent_hw
-    for _ in range(level):
-        h, w = (h + 1) // 2, (w + 1) // 2
-    return h, w
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,54 +71,23 @@ class AStarSampling:
     """SAMPLER_SAMPLE wrapper. Holds the user's settings; everything about one run lives in that
     run's call (a _GuidedRun). Each run appends its AttentionRecording to `recordings`.
 
-    family: "unet" (maps from the cross-attention layers `level` downsamplings below the latent) or
-    "flux" / "sd3" (maps from joint attention, on the grid of patch_size x patch_size latent patches).
-    Where each run's first guidance pass may stop: a UNet's [(layer key, depth)] in forward order
-    (layer_depths, from attention_patch.layer_depths), or a joint model's read blocks in forward order
-    (blocks, from add_joint_attention_hook)."""
+    reader: how the model's text attention is read (readers.py: map size, layers, token layout).
+    single_pass: the sampler's own model call supplies the maps and the gradient (SinglePass) instead of
+    a guidance pass of its own (TwoPasses). lean: guidance passes stop after the last read layer."""
 
-    def __init__(self, specs: list[ConceptSpec], config: GuidanceConfig, recordings: list, family: str = UNET,
-                 level: int | None = None, patch_size: int | None = None,
-                 layout_masks: torch.Tensor | None = None, lean: bool = True, single_pass: bool = False,
-                 layer_depths: list | None = None, blocks: tuple | None = None):
+    def __init__(self, specs: list[ConceptSpec], config: GuidanceConfig, recordings: list, reader,
+                 layout_masks: torch.Tensor | None = None, lean: bool = True, single_pass: bool = False):
         self.specs = specs
         self.config = config
         self.recordings = recordings
-        self.family = family
-        self.level = level
-        self.patch_size = patch_size
+        self.reader = reader
         self.layout_masks = layout_masks  # [N, H, W], mask n for concept n
-        self.lean = lean
-        # the sampler's own model call supplies the maps and the gradient (no separate guidance pass)
-        self.single_pass = single_pass
+        self.strategy = SinglePass() if single_pass else TwoPasses()
+        self.lean = lean and self.strategy.lean
         # latent size -> the read layers a full guidance pass found, so later runs start lean (a wrong
         # entry only costs one full pass: a pass that records other layers runs in full and re-learns)
         self.learned_layers: dict[tuple, tuple] = {}
-        self.layer_depths = layer_depths or []
-        self.blocks = tuple(blocks or ())
         self.handover: Handover | None = None  # the last run's end (one prompt runs at a time)
-
-    def map_size(self, latent_hw) -> tuple[int, int]:
-        """(h, w) of the concept maps for a latent of latent_hw."""
-        if self.family == UNET:
-            return map_size(latent_hw, self.level)
-        return tuple(math.ceil(s / self.patch_size) for s in latent_hw)
-
-    def planned_layers(self, latent_hw) -> tuple | None:
-        """The layers a pass on a latent of latent_hw reads, in order, known from the UNet's structure: those
-        whose activations (each downsampling rounds the size up) the patch's size rule puts at `level`; a
-        joint model's read blocks, whatever the size. None when not known: the first pass learns them."""
-        if self.family != UNET:
-            return self.blocks or None
-        planned = tuple(key for key, depth in self.layer_depths
-                        if downsample_level(latent_hw, map_size(latent_hw, depth)) == self.level)
-        return planned or None
-
-    def read_failure(self) -> str:
-        if self.family == UNET:
-            return (f"this UNet has no cross-attention layer at the chosen attention resolution "
-                    f"(1/{8 * 2 ** self.level} of the image side); choose another resolution")
-        return "no chosen joint-attention block ran in this model's forward pass; check joint_blocks"
 
     def __call__(self, executor, guider, sigmas, extra_args, callback, noise, *args, **kwargs):
         sampler = executor.class_obj
@@ -164,19 +123,13 @@ class _GuidedRun:
             raise missing_concepts_error(prompt.text)
         # Only the conditioning entries of this prompt are read (ConditioningCombine adds others).
         self.entries = [c for c in self.positive if c.get(PROMPT_KEY) is prompt]
-        n_context = next((n for n in map(context_tokens, self.entries) if n), None)
-        if owner.family == UNET:
-            n_context = n_context or prompt.length
-            self.groups, excluded = prompt.locate(owner.specs), prompt.excluded_columns(n_context)
-        else:
-            layout = joint_token_layout(prompt, owner.specs, owner.family)
-            n_context = n_context or layout.n_tokens
-            layout.check_context(n_context)
-            self.groups, excluded = [list(g) for g in layout.groups], layout.excluded
+        self.groups, excluded, n_context = owner.reader.locate(
+            prompt, owner.specs, next((n for n in map(context_tokens, self.entries) if n), None))
         source = {"uuids": frozenset(c["uuid"] for c in self.entries if "uuid" in c) or None,
                   "n_tokens": n_context, "excluded": excluded}
-        self.capture = RunCapture(owner.level, [s.label for s in owner.specs], self.groups, **source)
-        self.passes = GuidancePasses(owner.level, lean=owner.lean and not owner.single_pass, **source)
+        level = owner.reader.level
+        self.capture = RunCapture(level, [s.label for s in owner.specs], self.groups, **source)
+        self.passes = GuidancePasses(level, lean=owner.lean, **source)
         self.log: dict[int, dict] = {}
         self.masks = None
         self.base_options = extra_args["model_options"]
@@ -259,7 +212,7 @@ class _GuidedRun:
         masks = self.owner.layout_masks
         if masks is None:
             return None
-        h, w = self.owner.map_size(latent_hw)
+        h, w = self.owner.reader.map_size(latent_hw)
         return {c: resize_mask(m, h, w) for c, m in enumerate(masks) if float(m.max()) > 0}
 
     def _model_input(self, model_k, x, sigma, extra_args):
@@ -282,13 +235,9 @@ class _GuidedRun:
     def _guide(self, model_k, x, sigma_call, step, extra_args):
         """One guided step on the sampler's latent x (ComfyUI's x). Returns (the updated latent, or None when
         nothing moved (step size 0): the sampler's latent then stays bit for bit what it was; the model call's
-        output in single-pass mode, else None).
-
-        Two passes (default): a guidance pass on the cond branch gives the maps; the sampler's call then
-        evaluates the updated latent. Single pass: the sampler's call itself, run with gradients, gives
-        the maps; its output, from the latent before the update, is what the sampler gets."""
+        output when the owner's strategy ran the sampler's call (SinglePass), else None)."""
         config = self.config
-        single = self.owner.single_pass
+        strategy = self.owner.strategy
         sigma = sigma_call.reshape(-1)[0]
         model = self.guider.inner_model
         with torch.inference_mode(False):
@@ -300,57 +249,39 @@ class _GuidedRun:
             # so the guidance pass sees exactly the latent of the sampler's model call.
             c_in = float(model.model_sampling.calculate_input(sigma, torch.ones((), device=x.device, dtype=x.dtype)))
             alpha = step_size_at(config.scale, fraction) / c_in ** 2
-            # only where a gradient is taken: at step size 0 a single-pass call is the stock call
             moves = alpha > 0 and config.moves
-            # the guidance pass differentiates the eager modules (never torch.compile's copy), through the
-            # networks that patches bring (Hypernetworks, GLIGEN, IPAdapter-style replaces) too; a single-pass
-            # call that takes no gradient stays the sampler's own (compiled) call
-            options = extra_args.get("model_options", self.base_options)
-            options = without_compile(options) if moves or not single else options
+            options = strategy.pass_options(extra_args.get("model_options", self.base_options), moves)
             networks = [model, *controls, *patch_networks(options, self.positive)]
             for module in networks:
                 make_autograd_safe(module)
-            # ControlNet adds its residuals in place (h += ctrl), and Flux's blocks their outputs (img += ...),
+            # ControlNet adds its residuals in place (h += ctrl), and joint blocks their outputs (img += ...),
             # to tensors that earlier layers have saved, so autograd keeps copies of those; weights cast per
             # forward are recast at backward.
             policy = {"recast_weight_casts": any(casts_weights(m) for m in networks),
-                      "copy_others": bool(controls) or self.owner.family != UNET,
+                      "copy_others": bool(controls) or self.owner.reader.adds_in_place,
                       "copied": hook_swapped_weights(self.guider.model_patcher, model)}
             x = x.clone()
-            sigma = sigma.clone()  # 0-d
-            sigma_b = sigma.reshape(1).expand(x.shape[0])
-            base_to = options.get("transformer_options", {})
-
             held = {}
 
             def maps_fn(z):  # z: a latent in ComfyUI's x space
                 capture = self.passes.capture()
-                if single:  # the sampler's call (cond and uncond, denoise mask): the run's recording too
-                    call_options = {**options, "transformer_options": {
-                        **base_to, CAPTURES_KEY: [capture, self.capture], STEP_KEY: step}}
+                guidance_pass = strategy.pass_on(self, model_k, z, sigma_call, step, extra_args, options, capture)
 
-                    def forward():
-                        held["output"] = model_k(z, sigma_call, **{**extra_args, "model_options": call_options})
-                else:
-                    pass_options = {**options, "transformer_options": {**base_to, CAPTURES_KEY: [capture], STEP_KEY: step}}
-                    x_in = self._model_input(model_k, z, sigma_b, extra_args)
-
-                    def forward():
-                        comfy.samplers.calc_cond_batch(model, [self.positive], x_in, sigma_b, pass_options)
+                def forward():
+                    held["output"] = guidance_pass()
                 with saved_tensor_policy(**policy), GradientWatch() as watch:
                     self.passes.run(capture, forward)
                 watch.check()  # a layer that cut the latent's gradient: an error, never a silently wrong step
                 try:
                     return capture.concept_maps(self.groups)
                 except LookupError:
-                    raise ValueError(self.owner.read_failure()) from None
+                    raise ValueError(self.owner.reader.read_failure) from None
 
             size = tuple(x.shape[-2:])
             if self.passes.layers is None:
-                self.passes.layers = self.owner.learned_layers.get(size) or self.owner.planned_layers(size)
+                self.passes.layers = self.owner.learned_layers.get(size) or self.owner.reader.planned_layers(size)
             compute_dtype = model.manual_cast_dtype or model.get_dtype()
-            # a separate pass may run on faster CPU kernels; a single pass is the sampler's own call: stock
-            direct = not single and use_direct_kernel(x, compute_dtype)
+            direct = strategy.direct_kernels and use_direct_kernel(x, compute_dtype)
             with gradient_to_input(networks) if moves else contextlib.nullcontext(), direct_cpu_convolutions(direct):
                 result = guided_step(x, maps_fn, alpha, self.masks,
                                      config, refine_threshold=threshold, layout_masks=self._layout(x.shape[-2:]),
@@ -366,12 +297,60 @@ class _GuidedRun:
         if bool(result.skipped.any()):
             logging.warning("A-STAR: step %d: update skipped for sample(s) %s (non-finite loss or gradient)",
                             step, torch.nonzero(result.skipped).flatten().tolist())
-        output = held["output"].detach() if single else None
-        return (x_new if bool(moved.any()) else None), output
+        output = held.get("output")
+        return (x_new if bool(moved.any()) else None), (output.detach() if output is not None else None)
 
     def recording(self) -> AttentionRecording:
         smooth = gaussian_smooth if self.config.smooth else (lambda m: m)
         return self.capture.to_recording(self.log, smooth=smooth)
+
+
+class TwoPasses:
+    """How a guided step gets its maps by default (A-STAR's and A&E's): a guidance pass of the prompt's cond
+    branch alone, stopped after the last read layer, gives the maps and the gradient; the sampler's call
+    then evaluates the updated latent."""
+
+    lean = True  # a pass of its own may stop after the last read layer
+    direct_kernels = True  # and may run on faster CPU kernels than the sampler's (attention/cpu_convolutions.py)
+
+    @staticmethod
+    def pass_options(options: dict, moves: bool) -> dict:
+        """The pass differentiates the eager modules, never torch.compile's copy."""
+        return without_compile(options)
+
+    @staticmethod
+    def pass_on(run: "_GuidedRun", model_k, z, sigma_call, step, extra_args, options, capture):
+        """The guidance pass on latent z (the sampler's denoise mask composed in, as its call would), to run
+        with `capture` reading; it returns None (the sampler's call comes after the update)."""
+        sigma = sigma_call.reshape(-1)[0].clone().reshape(1).expand(z.shape[0])
+        call_options = {**options, "transformer_options": {
+            **options.get("transformer_options", {}), CAPTURES_KEY: [capture], STEP_KEY: step}}
+        x_in = run._model_input(model_k, z, sigma, extra_args)
+
+        def forward():
+            comfy.samplers.calc_cond_batch(run.guider.inner_model, [run.positive], x_in, sigma, call_options)
+        return forward
+
+
+class SinglePass:
+    """single_pass: the sampler's own model call (cond and uncond, denoise mask), run with gradients, gives the
+    maps and the gradient, and its output, from the latent before the update, is what the sampler gets."""
+
+    lean = False  # the sampler needs the whole call
+    direct_kernels = False  # the sampler's own call: stock kernels
+
+    @staticmethod
+    def pass_options(options: dict, moves: bool) -> dict:
+        """Eager modules where a gradient is taken; at step size 0 the sampler's own (compiled) call, stock."""
+        return without_compile(options) if moves else options
+
+    @staticmethod
+    def pass_on(run: "_GuidedRun", model_k, z, sigma_call, step, extra_args, options, capture):
+        """The sampler's call on latent z, to run with `capture` and the run's recording reading; it returns
+        the call's output."""
+        call_options = {**options, "transformer_options": {
+            **options.get("transformer_options", {}), CAPTURES_KEY: [capture, run.capture], STEP_KEY: step}}
+        return lambda: model_k(z, sigma_call, **{**extra_args, "model_options": call_options})
 
 
 class _GuidedModel:

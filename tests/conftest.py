@@ -12,6 +12,14 @@ FULL = "astar-test-sd15-full.safetensors"
 SD21 = "astar-test-sd21-768v.safetensors"
 
 
+def pytest_collection_modifyitems(config, items):
+    """tests/unit never import ComfyUI: the same on every host (tools/test.sh runs them in pass 1 only)."""
+    unit = config.rootpath / "tests" / "unit"
+    for item in items:
+        if unit in item.path.parents:
+            item.add_marker(pytest.mark.host_independent)
+
+
 @pytest.fixture(scope="session")
 def work_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("comfy")

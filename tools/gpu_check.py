@@ -405,7 +405,9 @@ class FluxProofs:
                 calls.append(((options["block_type"], options["block_index"]), q.detach().clone(), k.detach().clone()))
             return func(*args, **kwargs)
 
-        class Sink:
+        class Sink:  # an AttentionSink (attention/capture.py)
+            level, uuids, complete = None, None, False
+
             def record(self, key, probs, grid_hw, step, **kwargs):
                 records.append((key, probs.detach().clone()))
 

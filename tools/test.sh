@@ -2,7 +2,8 @@
 # Set-up (idempotent) + the whole test suite on the set-up's ComfyUI hosts (tools/hosts.sh), one pass each:
 #   pass 1/2  ComfyUI 0.3.75, the oldest supported: every test
 #   pass 2/2  ComfyUI 0.19.3, when its archive is beside the checkout (../shared, as CI has it): every test
-#             but the SDXL ones (-m 'not sdxl', joined to yours: -m "(yours) and not sdxl"); else skipped
+#             but the SDXL ones and those the host cannot change (-m 'not sdxl and not host_independent',
+#             joined to yours: -m "(yours) and not sdxl and not host_independent"); else skipped
 # Extra arguments go to pytest in both passes. Exit status: 0 when every pass that ran passed, else the
 # first failing pass's pytest status; "no tests ran" (pytest's 5) fails too. The last lines repeat both
 # passes' pytest summaries.
@@ -41,7 +42,8 @@ run_pass() {  # run_pass N VERSION ROOT PYTHON PYTEST_ARGS...
 run_pass 1 "$OLDEST_VERSION" "$OLDEST_ROOT" "$OLDEST_VENV/bin/python" "$@"
 
 if [ -f "$NEWEST_ARCHIVE" ]; then
-  # The SDXL tests (about 6 GB each, the slowest) run in pass 1 only: both passes stay well inside CI's time.
+  # The SDXL tests (about 6 GB each, the slowest) and the host-independent ones run in pass 1 only: both
+  # passes stay inside CI's time.
   newest_args=() marker=""
   while [ $# -gt 0 ]; do
     case "$1" in
@@ -52,7 +54,7 @@ if [ -f "$NEWEST_ARCHIVE" ]; then
     shift
   done
   run_pass 2 "$NEWEST_VERSION" "$NEWEST_ROOT" "$NEWEST_VENV/bin/python" "${newest_args[@]}" \
-    -m "${marker:+($marker) and }not sdxl"
+    -m "${marker:+($marker) and }not sdxl and not host_independent"
 else
   REPORT+=("pass 2/2: ComfyUI $NEWEST_VERSION skipped: no archive at $NEWEST_ARCHIVE (CI has it in ../shared; ASTAR_COMFYUI_ARCHIVE names another copy)")
 fi

@@ -84,6 +84,7 @@ def kill_on_first_record(out, server, exclude, deadline_s=240):
         time.sleep(0.1)
 
 
+@pytest.mark.host_independent  # the runner's recovery; the one-command test covers each host
 def test_interrupted_sweep_and_a_killed_server_lose_no_image_and_repeat_none(two_servers, tmp_path):
     a, b = two_servers
     cfg = SweepConfig(servers=[a.url, b.url], out=tmp_path / "out",

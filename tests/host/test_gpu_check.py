@@ -60,6 +60,7 @@ def _wheel_name(path: Path) -> str:
     return re.sub(r"[-_.]+", "-", path.name.split("-")[0]).lower()
 
 
+@pytest.mark.host_independent  # measures files, whichever host runs it
 def test_carried_wheels_and_comfyui_sources_fit_the_64_mib_limit(tmp_path):
     """tools/prepare_gpu_carry.sh for real (PyPI downloads, cached by pip; both ComfyUI trees), measured with the
     working tree as a device run sends it."""
@@ -80,6 +81,7 @@ def test_carried_wheels_and_comfyui_sources_fit_the_64_mib_limit(tmp_path):
     assert {p.name for p in carry.glob("*.tar.xz")} == {"ComfyUI-0.3.75.tar.xz", "ComfyUI-0.19.3.tar.xz"}
 
 
+@pytest.mark.host_independent
 def test_the_comparisons_fail_on_wrong_rules():
     """The check's own verdicts: maps off by a wrong rule, a dynamic-VRAM latent off by more than fp noise, or a
     guidance too weak to tell them apart, are FAILs; an unlisted distribution is not importable in the dry run."""

@@ -51,6 +51,9 @@ class QKCapture:
 
 
 class ListSink:
+    """An AttentionSink (attention/capture.py) that keeps every record."""
+    level, uuids, complete = None, None, False
+
     def __init__(self):
         self.records = []
 

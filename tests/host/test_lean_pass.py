@@ -124,7 +124,7 @@ def test_planned_layers_are_those_a_full_pass_reads(host, request, owners, monke
     assert full.full_passes == 2 and full.lean_passes == 0
     learned = full.layers
     latent = (size // 8, size // 8)
-    assert built[-1].planned_layers(latent) == learned, (built[-1].planned_layers(latent), learned)
+    assert built[-1].reader.planned_layers(latent) == learned, (built[-1].reader.planned_layers(latent), learned)
     if size == SETTINGS[which]["size"]:
         assert learned == EXPECTED_LAYERS[which]
     passes.clear()

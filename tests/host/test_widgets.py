@@ -216,7 +216,9 @@ def test_attention_resolution_on_a_joint_model_is_refused_unless_left_at_its_def
     """attention_resolution does nothing on Flux.1/SD3.5 (they read joint_blocks): another value than its
     default is refused rather than ignored. The mini UNet stands in for a Flux model here; the check comes
     before anything of the family is read."""
-    monkeypatch.setattr(hosts.pack_module("nodes.guidance_inputs"), "model_family", lambda model: "flux")
+    families = hosts.pack_module("nodes.model_family")
+    monkeypatch.setattr(hosts.pack_module("nodes.readers"), "joint_family",
+                        lambda model: families.JOINT_FAMILY_TABLE["flux"])
     err = run_error(host, graph(mini_ckpt, resolution="1/16", seed=1))
     assert "attention_resolution ('1/16') is for SD1.x/SD2.x/SDXL UNet models" in str(err), str(err)
     assert "joint_blocks" in str(err) and "1/32" in str(err), str(err)
