@@ -83,8 +83,8 @@ SETTINGS = {
     "flux2_klein": {**_COMMON, "file": "astar-test-flux2-klein4b-d1s1.safetensors", "build": "build_klein_checkpoint",
                     "clip": "klein_clip", "cfg": 1.0, "negative": None, "latent": "EmptyFlux2LatentImage",
                     "requires": (("comfy.text_encoders.flux", "KleinTokenizer"), ("comfy.supported_models", "Flux2")),
-                    "host": "ComfyUI 0.19 or later, e.g. COMFYUI_ROOT=~/.cache/astar-comfyui/ComfyUI-0.19.3 "
-                            "~/.cache/astar-comfyui/venv-0.19.3/bin/python benchmarks/bench_dit.py --model flux2_klein"},
+                    "host": "ComfyUI 0.19 or later (here: COMFYUI_ROOT=~/.cache/astar-comfyui/ComfyUI-0.19.3 "
+                            "with ~/.cache/astar-comfyui/venv-0.19.3/bin/python)"},
     "qwen_image": {**_COMMON, "file": "astar-test-qwen-image-b1.safetensors", "build": "build_qwen_image_checkpoint",
                    "clip": "qwen_image_clip", "cfg": 2.5, "requires": (("comfy.supported_models", "QwenImage"),),
                    "host": "ComfyUI 0.3.75 or later"},
@@ -254,7 +254,8 @@ def main(argv=None):
     summary = summarize(runs, a)
     doc = {"benchmark": "bench_dit", "machine": info,
            "settings": {"model": a.model, "device": a.device, "size_px": a.size, "steps": a.steps,
-                        "guided_steps": common.guided_count(a.steps, a.guidance_end, SETTINGS[a.model]["scheduler"]), "step_size": a.step_size,
+                        "guided_steps": common.guided_count(a.steps, a.guidance_end, SETTINGS[a.model]["scheduler"]),
+                        "step_size": a.step_size,
                         **{k: v for k, v in SETTINGS[a.model].items() if k not in ("requires", "host")},
                         "prompt": PROMPT, "concepts": CONCEPTS,
                         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
