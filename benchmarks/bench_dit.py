@@ -43,9 +43,9 @@ real models (Flux.1-dev: 19 double + 38 single blocks; the lean pass stops after
 
   python benchmarks/bench_dit.py --model flux             # CPU, 256 px, 10 steps
   python benchmarks/bench_dit.py --model sd35 --device cuda --size 1024 --steps 28
-  python benchmarks/bench_dit.py --model chroma            # likewise qwen_image, zimage
+  python benchmarks/bench_dit.py --model chroma --size 128   # likewise qwen_image, zimage (the 2026-12-03 runs)
   COMFYUI_ROOT=~/.cache/astar-comfyui/ComfyUI-0.19.3 ~/.cache/astar-comfyui/venv-0.19.3/bin/python \\
-      benchmarks/bench_dit.py --model flux2_klein
+      benchmarks/bench_dit.py --model flux2_klein --size 128
 
 Writes benchmarks/results/<device>-<model>-<size>px-<steps>steps.json (--note adds a remark on the
 machine, e.g. concurrent load) and prints a table.
