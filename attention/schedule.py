@@ -23,11 +23,12 @@ THRESHOLDS_FORMAT = ("comma-separated fraction:threshold pairs, fractions of the
 FRACTION_TOLERANCE = 1e-6
 
 
-def in_window(sigma: float, sigma_start: float, sigma_end: float) -> bool:
-    """Whether a state at `sigma` is guided: sigma_end < sigma <= sigma_start, where sigma_start and
-    sigma_end are percent_to_sigma(guidance_start) and percent_to_sigma(guidance_end); equivalently
-    start <= f(sigma) < end."""
-    return sigma_end < sigma <= sigma_start
+def in_window(fraction: float, start: float, end: float) -> bool:
+    """Whether a state at place `fraction` of the noise schedule (schedule_fraction) is guided: start <= f < end,
+    and every state from start on when end is 1 (the clean end of the clock). A state within
+    FRACTION_TOLERANCE of a bound is on it: the scheduler puts states on round fractions (step 5 of 10 at
+    0.5) and the sampler holds their sigmas in float32, a few 1e-8 either side."""
+    return start - FRACTION_TOLERANCE <= fraction and (fraction < end - FRACTION_TOLERANCE or end >= 1.0)
 
 
 def schedule_fraction(sigma: float, percent_to_sigma: Callable[[float], float], iterations: int = 60) -> float:

@@ -135,9 +135,6 @@ class _GuidedRun:
         self.base_options = extra_args["model_options"]
         sampling = guider.inner_model.model_sampling
         self.percent_to_sigma = sampling.percent_to_sigma
-        # the window on the noise clock: sigma_end < sigma <= sigma_start
-        self.sigma_start = float(sampling.percent_to_sigma(self.config.start))
-        self.sigma_end = float(sampling.percent_to_sigma(self.config.end))
         self.schedule: StateSchedule | None = None  # made when the sampler's function is called
         self.fractions: list[float] = []
         self.previous: list[float] = []
@@ -145,8 +142,9 @@ class _GuidedRun:
 
     def guides(self, sigma_max: float, sigma_min: float) -> bool:
         """Whether a run whose states lie in [sigma_min, sigma_max] may take a guidance step."""
+        first, last = (schedule_fraction(s, self.percent_to_sigma) for s in (sigma_max, sigma_min))
         return (self.config.moves and self.config.end > self.config.start
-                and sigma_max > self.sigma_end and sigma_min <= self.sigma_start)
+                and in_window(min(max(self.config.start, first), last), self.config.start, self.config.end))
 
     def plan(self, model_k, sigmas, options: dict, shape: tuple = ()) -> None:
         """Predict the run's states before its first model call; refuse a sampler whose states cannot be
@@ -193,7 +191,7 @@ class _GuidedRun:
         if step is None:
             return model(x, sigma, **extra_args)
         self.capture.sigmas[step] = sigma_value
-        if in_window(sigma_value, self.sigma_start, self.sigma_end):
+        if in_window(self.fractions[step], self.config.start, self.config.end):
             if _active(self.entries, sigma_value):
                 x_new, output = self._guide(model, x, sigma, step, extra_args)
                 if x_new is not None:

@@ -81,18 +81,23 @@ def test_step_sizes_follow_attend_and_excite():
     (26, 0.0, 0.5, list(range(13))),   # i/25 < 0.5: 0..12 (the old count-based rule, i < 13: the same)
     (24, 0.0, 0.5, list(range(12))),   # i/23 < 0.5: 0..11
     (12, 0.2, 0.6, [3, 4, 5, 6]),     # 0.2 <= i/11 < 0.6
+    (11, 0.0, 0.5, list(range(5))),    # state 5 on the end (5/10 = 0.5): not guided
+    (11, 0.2, 0.6, [2, 3, 4, 5]),     # states on both bounds: the start's guided, the end's not
     (10, 0.0, 0.0, []),
     (10, 0.0, 1.0, list(range(10))),
 ])
-def test_guidance_window_on_the_noise_clock(steps, start, end, guided):
-    sigma_start, sigma_end = edm_percent_to_sigma(start), edm_percent_to_sigma(end)
-    assert [i for i, s in enumerate(full_run(steps)) if in_window(s, sigma_start, sigma_end)] == guided
+@pytest.mark.parametrize("rounding", [0.0, 3e-8, -3e-8])
+def test_guidance_window_on_the_noise_clock(steps, start, end, guided, rounding):
+    """start <= f < end, for states whose sigmas the sampler holds in float32 (a state the scheduler puts on a
+    bound may come a few 1e-8 above or below it: it is still on it)."""
+    fractions = [schedule_fraction(s * (1 + rounding), edm_percent_to_sigma) for s in full_run(steps)]
+    assert [i for i, f in enumerate(fractions) if in_window(f, start, end)] == guided
 
 
 def test_a_run_below_the_window_guides_nothing():
     """Hires fix at denoise 0.5: the states of the second run all lie below sigma_at(0.5)."""
     second = [edm_percent_to_sigma(0.5 + 0.5 * i / 12) for i in range(1, 12)]
-    assert not any(in_window(s, edm_percent_to_sigma(0.0), edm_percent_to_sigma(0.5)) for s in second)
+    assert not any(in_window(schedule_fraction(s, edm_percent_to_sigma), 0.0, 0.5) for s in second)
 
 
 def refined(fractions, points=AE_REFINEMENT_POINTS):
