@@ -112,7 +112,7 @@ CHROMA = {  # ComfyUI's detection of a Chroma file (model_detection: distilled_g
 def build_chroma_checkpoint(path, double_blocks: int = 1, single_blocks: int = 1, seed: int = 0) -> Path:
     """Write (or reuse) a random Chroma diffusion model with few blocks at the real widths (Flux.1's
     blocks: hidden 3072, 24 heads of 128, context 4096; the 5-layer 5120-wide modulation approximator;
-    0.8 B parameters with 1 double + 1 single block). Raw keys, fp16, as UNETLoader reads them."""
+    0.63 B parameters with 1 double + 1 single block). Raw keys, fp16, as UNETLoader reads them."""
     path = Path(path)
     if path.exists():
         return path
@@ -140,7 +140,7 @@ KLEIN_4B = {  # ComfyUI 0.19's detection of a Flux.2 file (double_stream_modulat
 def build_klein_checkpoint(path, double_blocks: int = 1, single_blocks: int = 1, seed: int = 0) -> Path:
     """Write (or reuse) a random Flux.2 Klein 4B diffusion model with few blocks at the real widths (hidden
     3072, 24 heads of 128, context 7680 = 3 Qwen3-4B layers, 128 latent channels, patch 1, no guidance
-    embedding; 0.4 B parameters with 1 double + 1 single block). Raw keys, fp16. ComfyUI 0.19+."""
+    embedding; 0.56 B parameters with 1 double + 1 single block). Raw keys, fp16. ComfyUI 0.19+."""
     path = Path(path)
     if path.exists():
         return path
