@@ -19,15 +19,17 @@ from types import MappingProxyType
 AE_REFINEMENT_POINTS = MappingProxyType({0.0: 0.05, 0.2: 0.5, 0.4: 0.8})
 THRESHOLDS_FORMAT = ("comma-separated fraction:threshold pairs, fractions of the model's noise schedule in [0, 1), "
                      "e.g. '0:0.05, 0.2:0.5, 0.4:0.8' (A&E's steps 0, 10, 20 of 50)")
-# refinement points compare fractions found by bisection: a point within this of a state belongs to it
-FRACTION_TOLERANCE = 1e-6
+# a point or bound within this of a state's fraction is on it: sigmas come as float32 from the model's
+# float32 sigma table, and at a high shift (Flux at 2048 px: shift 3.2, near the noisy end) one float32 step
+# of sigma moves the fraction by up to about 2e-6; steps are 1e-3 apart at the most (1000 steps)
+FRACTION_TOLERANCE = 1e-5
 
 
 def in_window(fraction: float, start: float, end: float) -> bool:
     """Whether a state at place `fraction` of the noise schedule (schedule_fraction) is guided: start <= f < end,
     and every state from start on when end is 1 (the clean end of the clock). A state within
     FRACTION_TOLERANCE of a bound is on it: the scheduler puts states on round fractions (step 5 of 10 at
-    0.5) and the sampler holds their sigmas in float32, a few 1e-8 either side."""
+    0.5) and the sampler holds their sigmas in float32 (up to about 2e-6 off in fraction at high shifts)."""
     return start - FRACTION_TOLERANCE <= fraction and (fraction < end - FRACTION_TOLERANCE or end >= 1.0)
 
 

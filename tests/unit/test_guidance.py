@@ -94,6 +94,24 @@ def test_guidance_window_on_the_noise_clock(steps, start, end, guided, rounding)
     assert [i for i, f in enumerate(fractions) if in_window(f, start, end)] == guided
 
 
+@pytest.mark.parametrize("mu", [1.15, 3.2, 4.0])
+def test_window_bounds_hold_for_float32_flow_schedules_at_high_shift(mu):
+    """A flow model's noise table as ComfyUI builds it (shift mu: sigma(t) = e^mu / (e^mu + 1/t - 1) over 10000
+    float32 timesteps) read by the "simple" scheduler (every 1000th entry for 10 steps): state i lies on the
+    round fraction i/10, up to the float32 rounding, which near the noisy end at a high shift is worth ~2e-6 of
+    the clock. A window ending on any of those fractions guides exactly the states before it."""
+    e = math.exp(mu)
+    table = (e / (e + 1 / (torch.arange(1, 10001) / 10000) - 1)).float()
+    states = [float(table[-(1 + i * 1000)]) for i in range(10)]
+
+    def clock(f):  # percent_to_sigma, in float64
+        return e / (e + 1 / (1.0 - f) - 1) if f < 1 else 0.0
+    fractions = [schedule_fraction(s, clock) for s in states]
+    for end in (0.1, 0.2, 0.3, 0.4, 0.5):
+        assert [i for i, f in enumerate(fractions) if in_window(f, 0.0, end)] == list(range(round(end * 10))), end
+        assert [i for i, f in enumerate(fractions) if in_window(f, end, 1.0)] == list(range(round(end * 10), 10)), end
+
+
 def test_a_run_below_the_window_guides_nothing():
     """Hires fix at denoise 0.5: the states of the second run all lie below sigma_at(0.5)."""
     second = [edm_percent_to_sigma(0.5 + 0.5 * i / 12) for i in range(1, 12)]
