@@ -30,8 +30,8 @@ from ..attention.guidance import GuidanceConfig, guided_step
 from ..attention.maps import gaussian_smooth, resize_mask
 from ..attention.recording import AttentionRecording
 from ..attention.saved_tensors import saved_tensor_policy
-from ..attention.schedule import (in_window, previous_fractions, refinement_threshold, schedule_fraction,
-                                  step_size_at)
+from ..attention.schedule import (FRACTION_TOLERANCE, in_window, previous_fractions, refinement_threshold,
+                                  schedule_fraction, step_size_at)
 from ..attention.tokens import ConceptSpec
 from .autograd_weights import casts_weights, control_modules, gradient_to_input, make_autograd_safe
 from .gradient_path import GradientWatch, hook_swapped_weights, patch_networks, without_compile
@@ -143,8 +143,9 @@ class _GuidedRun:
     def guides(self, sigma_max: float, sigma_min: float) -> bool:
         """Whether a run whose states lie in [sigma_min, sigma_max] may take a guidance step."""
         first, last = (schedule_fraction(s, self.percent_to_sigma) for s in (sigma_max, sigma_min))
+        lowest = max(first, self.config.start - FRACTION_TOLERANCE)  # the first place of the run in_window may take
         return (self.config.moves and self.config.end > self.config.start
-                and in_window(min(max(self.config.start, first), last), self.config.start, self.config.end))
+                and lowest <= last and in_window(lowest, self.config.start, self.config.end))
 
     def plan(self, model_k, sigmas, options: dict, shape: tuple = ()) -> None:
         """Predict the run's states before its first model call; refuse a sampler whose states cannot be
